@@ -1,0 +1,25 @@
+"""Transfusion in PyTorch: one transformer that writes text token by token and generates
+continuous modalities by flow matching, in one interleaved sequence (arXiv 2408.11039)."""
+
+from transfusion_pytorch.attention import KVCache
+from transfusion_pytorch.data import collate_fn, create_dataloader
+from transfusion_pytorch.layout import default_to_modality_shape_fn
+from transfusion_pytorch.sampling import min_p_filter, top_k_filter
+from transfusion_pytorch.transformer import Transformer
+from transfusion_pytorch.transfusion import LossBreakdown, Transfusion
+from transfusion_pytorch.utils import print_modality_sample
+
+__all__ = [
+    "Transfusion",
+    "Transformer",
+    "LossBreakdown",
+    "KVCache",
+    "print_modality_sample",
+    "collate_fn",
+    "create_dataloader",
+    "default_to_modality_shape_fn",
+    "min_p_filter",
+    "top_k_filter",
+]
+
+__version__ = "0.13.0"

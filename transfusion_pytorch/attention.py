@@ -1,0 +1,222 @@
+"""Multi-head attention with rotary positions, a KV cache and two backends.
+
+Backends: flex attention with a `BlockMask` on CUDA (`use_flex_attn=True`), and
+`F.scaled_dot_product_attention` with a dense boolean mask everywhere else (flex
+attention has no backward on CPU in torch 2.13, and its eager path materialises the
+whole score matrix anyway). Both take the mask from the same mask function
+(`masks.py`), so they compute the same thing; `tests/test_attention.py` checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn import Module
+
+from ._typing import Float, Int, typecheck
+from ._utils import exists
+
+# rotary positions (RoFormer, arXiv 2104.09864)
+
+
+class RotaryEmbedding(Module):
+    def __init__(self, dim_head: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = theta ** -(torch.arange(0, dim_head, 2).float() / dim_head)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @typecheck
+    def forward(self, positions: Int["b n"]) -> tuple[Float["b 1 n dh"], Float["b 1 n dh"]]:
+        freqs = positions.float()[..., None] * self.inv_freq  # (b, n, dh/2)
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        freqs = rearrange(freqs, "b n d -> b 1 n d")
+        return freqs.cos(), freqs.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, rotary: tuple[Tensor, Tensor]) -> Tensor:
+    cos, sin = rotary
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+# the mask handed down to every layer, built once per forward
+
+
+@dataclass
+class AttentionMask:
+    """What each attention layer needs to know of the mask.
+
+    dense: `(b, 1, i, j)` boolean mask for SDPA, or None
+    block: flex-attention `BlockMask` for the same rule (CUDA only), or None
+    is_causal: plain causal mask with queries and keys aligned (text only), no tensor needed
+    Everything None / False means full attention (a modality attending to itself, or one
+    new token attending to its whole cache).
+    """
+
+    dense: Tensor | None = None
+    block: Any = None
+    is_causal: bool = False
+
+
+# KV cache, preallocated and indexed by position (as in gpt-fast), grown by doubling
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens decoded so far.
+
+    `update` writes the keys / values of the new tokens at `[length, length + n)` and
+    returns everything up to there; only `commit(n)` moves `length` on. Flow-matching
+    steps therefore write the modality's tokens into the same slots at every ODE step
+    without committing them, and the prefix before them is never recomputed.
+    """
+
+    def __init__(self, num_layers: int, batch: int, heads: int, dim_head: int, capacity: int = 256, *, device=None, dtype=torch.float32):
+        shape = (num_layers, batch, heads, max(capacity, 1), dim_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[-2]
+
+    def _grow(self, needed: int):
+        new_capacity = max(needed, 2 * self.capacity)
+        pad = new_capacity - self.capacity
+        self.keys = F.pad(self.keys, (0, 0, 0, pad))
+        self.values = F.pad(self.values, (0, 0, 0, pad))
+
+    def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        start = self.length
+        end = start + keys.shape[-2]
+        if end > self.capacity:
+            self._grow(end)
+        self.keys[layer, :, :, start:end] = keys
+        self.values[layer, :, :, start:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def commit(self, num_tokens: int):
+        self.length += num_tokens
+
+
+# flex attention, compiled once on first use on CUDA
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask, score_mod=None):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, score_mod=score_mod)
+    return flex(q, k, v, block_mask=block_mask, score_mod=score_mod)
+
+
+def softcap_score_mod(softcap: float):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
+
+
+class Attention(Module):
+    def __init__(
+        self,
+        dim: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        dropout: float = 0.0,
+        softcap_value: float = 0.0,
+        use_flex_attn: bool = False,
+        gate_values: bool = True,
+        laser: bool = False,
+        laser_softclamp_value: float = 15.0,
+    ):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head**-0.5
+        self.dropout = dropout
+        self.softcap_value = softcap_value
+        self.use_flex_attn = use_flex_attn
+        self.laser = laser
+        self.laser_softclamp_value = laser_softclamp_value
+
+        dim_inner = dim_head * heads
+        self.to_qkv = nn.Linear(dim, dim_inner * 3, bias=False)
+        # per-head output gates (0.12's `gate_values`)
+        self.to_gates = nn.Linear(dim, heads, bias=False) if gate_values else None
+        self.to_out = nn.Linear(dim_inner, dim, bias=False)
+
+    @typecheck
+    def forward(
+        self,
+        x: Float["b n d"],
+        rotary: tuple[Tensor, Tensor],
+        mask: AttentionMask,
+        cache: KVCache | None = None,
+        layer_index: int = 0,
+    ) -> Float["b n d"]:
+        q, k, v = rearrange(self.to_qkv(x), "b n (qkv h dh) -> qkv b h n dh", qkv=3, h=self.heads)
+        q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+
+        if exists(cache):
+            k, v = cache.update(layer_index, k, v)
+
+        if self.laser:
+            # LASER (arXiv 2411.03493): attend over exp(v), then take the log
+            v = torch.tanh(v / self.laser_softclamp_value) * self.laser_softclamp_value
+            v_max = v.amax(dim=-2, keepdim=True).detach()
+            v = (v - v_max).exp()
+
+        out = self.attend(q, k, v, mask)
+
+        if self.laser:
+            out = out.clamp(min=1e-20).log() + v_max
+
+        if exists(self.to_gates):
+            gates = rearrange(self.to_gates(x), "b n h -> b h n 1")
+            out = out * gates.sigmoid()
+
+        return self.to_out(rearrange(out, "b h n dh -> b n (h dh)"))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        dropout_p = self.dropout if self.training else 0.0
+
+        if exists(mask.block):
+            score_mod = softcap_score_mod(self.softcap_value) if self.softcap_value > 0 else None
+            return flex_attention(q, k, v, block_mask=mask.block, score_mod=score_mod)
+
+        if self.softcap_value > 0:
+            return self.attend_reference(q, k, v, mask, dropout_p)
+
+        is_causal = mask.is_causal and q.shape[-2] > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, dropout_p=dropout_p, is_causal=is_causal)
+
+    def attend_reference(self, q, k, v, mask: AttentionMask, dropout_p: float) -> Tensor:
+        """The plain masked path: explicit scores, used for logit soft-capping (Gemma 2)."""
+        sim = torch.einsum("b h i d, b h j d -> b h i j", q, k) * self.scale
+        sim = torch.tanh(sim / self.softcap_value) * self.softcap_value
+
+        allowed = mask.dense
+        if mask.is_causal and not exists(allowed):
+            i, j = sim.shape[-2:]
+            allowed = torch.ones(i, j, dtype=torch.bool, device=sim.device).tril(j - i)
+
+        if exists(allowed):
+            sim = sim.masked_fill(~allowed, torch.finfo(sim.dtype).min)
+
+        attn = F.dropout(sim.softmax(dim=-1), p=dropout_p)
+        return torch.einsum("b h i j, b h j d -> b h i d", attn, v)

@@ -1,0 +1,186 @@
+"""Turning samples into one token sequence per row.
+
+A sample `[text, image, text]` becomes
+
+    [sos] text… [meta] "h,w" [som_k] <h·w modality tokens> [eom_k] text… [eos]
+
+Ids `0 … num_text_tokens-1` are the user's text; after them come `sos`, `eos`, one
+`som` per modality, one `eom` per modality, `meta`, and 128 character ids for the
+shape string (the same id layout as 0.12, so the model writes the shape of what it
+is about to generate).
+
+A row is described as a list of *segments*: a `LongTensor` of token ids, or an `int`
+naming a modality instance (whose token count the caller knows). `build_layout` turns
+rows of segments into the padded index tensors the model needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._typing import Int
+
+NUM_CHAR_IDS = 128
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    num_text_tokens: int
+    num_modalities: int
+
+    @property
+    def sos(self) -> int:
+        return self.num_text_tokens
+
+    @property
+    def eos(self) -> int:
+        return self.num_text_tokens + 1
+
+    @property
+    def som(self) -> tuple[int, ...]:
+        return tuple(range(self.num_text_tokens + 2, self.num_text_tokens + 2 + self.num_modalities))
+
+    @property
+    def eom(self) -> tuple[int, ...]:
+        start = self.num_text_tokens + 2 + self.num_modalities
+        return tuple(range(start, start + self.num_modalities))
+
+    @property
+    def meta(self) -> int:
+        return self.num_text_tokens + 2 + 2 * self.num_modalities
+
+    @property
+    def char_offset(self) -> int:
+        return self.meta + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.char_offset + NUM_CHAR_IDS
+
+    def encode_shape(self, shape: tuple[int, ...]) -> list[int]:
+        """`(h, w)` → ids of `[meta] "h,w"` (a 0-D modality writes the empty string)."""
+        return [self.meta, *(ord(char) + self.char_offset for char in ",".join(map(str, shape)))]
+
+    def decode_chars(self, ids: list[int]) -> str:
+        return "".join(chr(min(max(i - self.char_offset, 0), NUM_CHAR_IDS - 1)) for i in ids)
+
+    def modality_wrapper(self, modality_type: int, shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """Ids before (`[meta] shape [som]`) and after (`[eom]`) a modality's tokens."""
+        return [*self.encode_shape(shape), self.som[modality_type]], [self.eom[modality_type]]
+
+
+def default_to_modality_shape_fn(shape_str: str) -> tuple[int, ...]:
+    """Parse the shape string the model wrote: `"4,6"` → `(4, 6)`, `""` → `()`."""
+    if shape_str == "":
+        return ()
+    return tuple(int(side) for side in shape_str.split(","))
+
+
+@dataclass
+class Layout:
+    """Index tensors for a padded batch of rows.
+
+    token_ids:      (b, n) text ids; -1 at modality tokens and padding
+    positions:      (b, n) rotary positions: the tokens of one instance share one position
+    token_instance: (b, n) index of the instance each token belongs to, -1 for text / padding
+    lengths:        (b,) real length of each row
+    instance_index: (total modality tokens,) flat index `row * n + offset` of every
+                    modality token, instances in order, each instance's tokens contiguous
+    instance_offsets: per instance (row, offset in row, length)
+    """
+
+    token_ids: Tensor
+    positions: Tensor
+    token_instance: Tensor
+    lengths: Tensor
+    instance_index: Tensor
+    instance_offsets: list[tuple[int, int, int]]
+
+    @property
+    def batch(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.token_ids.shape[1]
+
+    @property
+    def has_modalities(self) -> bool:
+        return len(self.instance_offsets) > 0
+
+
+def build_layout(rows: list[list[Tensor | int]], instance_lengths: list[int], device=None) -> Layout:
+    """Rows of segments (id tensors or instance indices) → a padded `Layout`.
+
+    Positions: text advances by one per token; all tokens of a modality instance take
+    the position of the instance, and the text after it continues one further. Inside
+    an instance attention is bidirectional, so a shared position means rotary adds no
+    false order between its tokens (its spatial order comes from the axial positional
+    embedding, `add_pos_emb`), while every instance stays one step away from its
+    neighbouring text — the same choice as 0.12.
+    """
+    ids_rows, pos_rows, inst_rows = [], [], []
+    instance_offsets: list[tuple[int, int, int] | None] = [None] * len(instance_lengths)
+
+    for row_index, segments in enumerate(rows):
+        ids, pos, inst = [], [], []
+        offset = position = 0
+        for segment in segments:
+            if isinstance(segment, int):
+                length = instance_lengths[segment]
+                instance_offsets[segment] = (row_index, offset, length)
+                ids.append(torch.full((length,), -1, dtype=torch.long))
+                pos.append(torch.full((length,), position, dtype=torch.long))
+                inst.append(torch.full((length,), segment, dtype=torch.long))
+                position += 1
+            else:
+                length = segment.shape[0]
+                ids.append(segment.cpu().long())
+                pos.append(torch.arange(position, position + length))
+                inst.append(torch.full((length,), -1, dtype=torch.long))
+                position += length
+            offset += length
+        ids_rows.append(torch.cat(ids) if ids else torch.empty(0, dtype=torch.long))
+        pos_rows.append(torch.cat(pos) if pos else torch.empty(0, dtype=torch.long))
+        inst_rows.append(torch.cat(inst) if inst else torch.empty(0, dtype=torch.long))
+
+    lengths = torch.tensor([len(r) for r in ids_rows], dtype=torch.long)
+    seq_len = int(lengths.max()) if len(rows) > 0 else 0
+
+    def pad(rows_, value):
+        out = torch.full((len(rows_), seq_len), value, dtype=torch.long)
+        for i, r in enumerate(rows_):
+            out[i, : len(r)] = r
+        return out
+
+    token_ids, positions, token_instance = pad(ids_rows, -1), pad(pos_rows, 0), pad(inst_rows, -1)
+
+    if any(o is None for o in instance_offsets):
+        raise ValueError("every modality instance must appear in exactly one row")
+
+    flat = [torch.arange(row * seq_len + off, row * seq_len + off + length) for row, off, length in instance_offsets]
+    instance_index = torch.cat(flat) if flat else torch.empty(0, dtype=torch.long)
+
+    return Layout(
+        token_ids=token_ids.to(device),
+        positions=positions.to(device),
+        token_instance=token_instance.to(device),
+        lengths=lengths.to(device),
+        instance_index=instance_index.to(device),
+        instance_offsets=instance_offsets,  # type: ignore[arg-type]
+    )
+
+
+def text_labels(layout: Layout, ignore_index: int) -> Int["b n"]:
+    """Next-token labels: the next id where both this token and the next are text, else ignored.
+
+    The `som` position (whose next token is a modality token) and the last modality
+    token (whose next token is `eom`, always appended by the sampler) are not trained.
+    """
+    next_ids = torch.cat((layout.token_ids[:, 1:], torch.full_like(layout.token_ids[:, :1], -1)), dim=1)
+    is_text = layout.token_instance == -1
+    keep = (next_ids >= 0) & is_text
+    return torch.where(keep, next_ids, torch.full_like(next_ids, ignore_index))

@@ -1,0 +1,113 @@
+"""Attention masks for one interleaved sequence.
+
+Every rule is a *mask function* with the flex-attention signature
+`fn(b, h, q_idx, kv_idx) -> bool`: True where query `q_idx` of row `b` may attend to
+key `kv_idx`. Rules are combined with `or_masks` / `and_masks`, and one function
+produces both the flex-attention `BlockMask` (CUDA) and the dense boolean mask that
+SDPA takes (everywhere else), so the two backends can never disagree on a rule.
+
+The mask functions index per-token tensors (`instance_ids[b, q_idx]`), which works
+under flex attention's vmap and, with broadcast index tensors, builds the dense mask
+in one vectorised call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._typing import Bool, Int, typecheck
+
+MaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """Text rule: a token sees itself and every token before it."""
+    return q_idx >= kv_idx
+
+
+def modality_bidirectional(instance_ids: Int["b n"]) -> MaskFn:
+    """Modality rule: the tokens of one modality instance see each other in both directions.
+
+    `instance_ids[b, i]` is the index of the modality instance that token `i` of row `b`
+    belongs to, or -1 for text and padding. Text tokens gain nothing from this rule.
+    """
+
+    def mask(b, h, q_idx, kv_idx):
+        q_instance = instance_ids[b, q_idx]
+        return (q_instance >= 0) & (q_instance == instance_ids[b, kv_idx])
+
+    return mask
+
+
+def same_document(document_ids: Int["b n"]) -> MaskFn:
+    """Packing rule: a token sees only tokens of its own document (sample) in a packed row."""
+
+    def mask(b, h, q_idx, kv_idx):
+        return document_ids[b, q_idx] == document_ids[b, kv_idx]
+
+    return mask
+
+
+def or_masks(*mask_fns: MaskFn) -> MaskFn:
+    def mask(b, h, q_idx, kv_idx):
+        out = mask_fns[0](b, h, q_idx, kv_idx)
+        for fn in mask_fns[1:]:
+            out = out | fn(b, h, q_idx, kv_idx)
+        return out
+
+    return mask
+
+
+def and_masks(*mask_fns: MaskFn) -> MaskFn:
+    def mask(b, h, q_idx, kv_idx):
+        out = mask_fns[0](b, h, q_idx, kv_idx)
+        for fn in mask_fns[1:]:
+            out = out & fn(b, h, q_idx, kv_idx)
+        return out
+
+    return mask
+
+
+def transfusion_mask(instance_ids: Int["b n"], document_ids: Int["b n"] | None = None) -> MaskFn:
+    """The Transfusion rule (arXiv 2408.11039, section 3.2): causal everywhere, plus
+    bidirectional inside each modality instance; restricted to one document when packed.
+
+    A token of an image therefore sees every text token and earlier modality before the
+    image and every token of its own image, and no token after the image.
+    Right padding needs no rule of its own: padding sits after every real token, so the
+    causal rule already hides it from real queries.
+    """
+    mask = or_masks(causal, modality_bidirectional(instance_ids))
+    if document_ids is not None:
+        mask = and_masks(mask, same_document(document_ids))
+    return mask
+
+
+@typecheck
+def dense_mask(
+    mask_fn: MaskFn,
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    device: torch.device | str | None = None,
+    q_offset: int = 0,
+) -> Bool["b 1 i j"]:
+    """Evaluate a mask function on the full grid: `(batch, 1, q_len, kv_len)`, broadcast over heads.
+
+    `q_offset` places the queries at positions `q_offset …` (decoding with a KV cache).
+    """
+    b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    q_idx = torch.arange(q_offset, q_offset + q_len, device=device).view(1, 1, q_len, 1)
+    kv_idx = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len)
+    return mask_fn(b, h, q_idx, kv_idx).expand(batch, 1, q_len, kv_len)
+
+
+def block_mask(mask_fn: MaskFn, batch: int, q_len: int, kv_len: int, device: torch.device | str):
+    """The flex-attention `BlockMask` of the same rule (skips fully masked blocks)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_fn, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)

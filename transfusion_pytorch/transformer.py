@@ -1,0 +1,245 @@
+"""The transformer: blocks of attention + feed-forward, time-conditioned on modality tokens only.
+
+Conditioning (DiT's adaLN-Zero, arXiv 2212.09748, applied per token type as in
+Transfusion): text tokens go through a plain pre-norm with a learned gain and a
+residual layer-scale; modality tokens get scale / shift from their instance's flow
+time and a zero-initialised output gate, so at initialisation every block leaves
+modality tokens unchanged.
+
+The time conditioning is computed once per modality *instance* (`instance_cond`,
+`(m, dc)`), and each layer builds a small table of scales / shifts / gates with one row
+for text and one row per instance; tokens pick their row with one embedding lookup
+(`token_instance + 1`). 0.12 instead ran the FiLM projections on every token.
+
+The transformer knows nothing about modalities beyond that per-token instance index,
+rotary positions and an `AttentionMask`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import Module, ModuleList
+from torch.utils.checkpoint import checkpoint
+
+from ._typing import Float, Int, typecheck
+from ._utils import exists
+from .attention import Attention, AttentionMask, KVCache, RotaryEmbedding
+
+
+class TimeEmbedding(Module):
+    """Flow time `t` in [0, 1] → conditioning vector, through random Fourier features."""
+
+    def __init__(self, dim: int, dim_cond: int):
+        super().__init__()
+        if dim % 2 != 0:
+            raise ValueError(f"`dim` must be even for the time embedding, got {dim}")
+        self.register_buffer("freqs", torch.randn(dim // 2))
+        self.mlp = nn.Sequential(nn.Linear(dim + 1, dim_cond), nn.SiLU())
+
+    @typecheck
+    def forward(self, times: Float["m"]) -> Float["m dc"]:
+        angles = times[:, None] * self.freqs * 2 * math.pi
+        return self.mlp(torch.cat((times[:, None], angles.sin(), angles.cos()), dim=-1))
+
+
+class Modulation:
+    """Per-token scale, shift and gate, gathered from one row for text and one row per instance."""
+
+    def __init__(self, token_instance: Tensor | None):
+        self.index = None if token_instance is None else token_instance + 1  # row 0 is text
+
+    def gather(self, table: Tensor) -> Tensor:
+        if self.index is None:  # text only: every token uses row 0
+            return table[0]
+        return F.embedding(self.index, table)
+
+
+class AdaptiveNorm(Module):
+    """Pre-norm before a sub-layer and the gated residual after it (see module docstring)."""
+
+    def __init__(self, dim: int, dim_cond: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.text_gain = nn.Parameter(torch.zeros(dim))
+        self.text_layerscale = nn.Parameter(torch.zeros(dim))
+        self.to_scale_shift = nn.Linear(dim_cond, dim * 2)
+        self.to_gate = nn.Linear(dim_cond, dim)
+        for linear in (self.to_scale_shift, self.to_gate):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def tables(self, instance_cond: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(scale, shift, gate) tables of shape (1 + m, d): row 0 text, then one row per instance."""
+        text_scale = (1.0 + self.text_gain)[None]
+        text_shift = torch.zeros_like(text_scale)
+        text_gate = (1.0 + self.text_layerscale)[None]
+        if not exists(instance_cond) or instance_cond.shape[0] == 0:
+            return text_scale, text_shift, text_gate
+        scale, shift = self.to_scale_shift(instance_cond).chunk(2, dim=-1)
+        gate = self.to_gate(instance_cond)
+        return (
+            torch.cat((text_scale, 1.0 + scale)),
+            torch.cat((text_shift, shift)),
+            torch.cat((text_gate, gate)),
+        )
+
+
+class FeedForward(Module):
+    """GEGLU feed-forward (arXiv 2002.05202)."""
+
+    def __init__(self, dim: int, expansion_factor: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        dim_inner = int(dim * expansion_factor * 2 / 3)
+        self.proj_in = nn.Linear(dim, dim_inner * 2)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(dim_inner, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gates = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(self.dropout(F.gelu(gates) * x))
+
+
+class RMSNorm(Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=-1) * self.scale * (self.gamma + 1.0)
+
+
+class Block(Module):
+    def __init__(self, dim: int, dim_cond: int, attn: Attention, ff: FeedForward, skip_proj: Module | None):
+        super().__init__()
+        self.attn_norm = AdaptiveNorm(dim, dim_cond)
+        self.attn = attn
+        self.ff_norm = AdaptiveNorm(dim, dim_cond)
+        self.ff = ff
+        self.skip_proj = skip_proj
+
+    def forward(self, x, instance_cond, modulation: Modulation, rotary, mask: AttentionMask, cache: KVCache | None, layer_index: int):
+        for norm, fn in ((self.attn_norm, "attn"), (self.ff_norm, "ff")):
+            scale, shift, gate = (modulation.gather(table) for table in norm.tables(instance_cond))
+            h = norm.norm(x) * scale + shift
+            h = self.attn(h, rotary, mask, cache, layer_index) if fn == "attn" else self.ff(h)
+            x = x + h * gate
+        return x
+
+
+class Transformer(Module):
+    """
+    Args (the 0.12 keywords are kept):
+        dim, depth, dim_head, heads: sizes
+        dropout: attention and feed-forward dropout
+        ff_expansion_factor: feed-forward width multiple
+        attn_kwargs / ff_kwargs: extra keywords for `Attention` / `FeedForward`
+            (`softcap_value`, `gate_values`, …)
+        attn_laser: LASER attention (arXiv 2411.03493)
+        unet_skips: long skip connections from the first half of the blocks to the second
+            (U-ViT, arXiv 2209.12152)
+        use_flex_attn: flex attention on CUDA (SDPA is used elsewhere regardless)
+        use_checkpoint: activation checkpointing of each block while training
+        num_residual_streams: 0.12's hyper-connections; only 1 is supported here
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        depth: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        dropout: float = 0.0,
+        ff_expansion_factor: float = 4.0,
+        attn_kwargs: dict | None = None,
+        ff_kwargs: dict | None = None,
+        attn_laser: bool = False,
+        unet_skips: bool = True,
+        use_flex_attn: bool = False,
+        use_checkpoint: bool = False,
+        num_residual_streams: int = 1,
+        num_residual_fracs: int = 4,
+    ):
+        super().__init__()
+        for name, value in (("dim", dim), ("depth", depth), ("dim_head", dim_head), ("heads", heads)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if dim_head % 2 != 0:
+            raise ValueError(f"`dim_head` must be even for rotary embeddings, got {dim_head}")
+        if num_residual_streams != 1:
+            raise ValueError(
+                f"`num_residual_streams` must be 1: hyper-connections of 0.12 are not carried over (got {num_residual_streams})"
+            )
+
+        self.dim = dim
+        self.depth = depth
+        self.dim_head = dim_head
+        self.heads = heads
+        self.use_flex_attn = use_flex_attn
+        self.use_checkpoint = use_checkpoint
+
+        dim_cond = dim * 4
+        self.time_embed = TimeEmbedding(dim, dim_cond)
+        self.rotary = RotaryEmbedding(dim_head)
+
+        attn_kwargs = dict(attn_kwargs or {})
+        ff_kwargs = dict(ff_kwargs or {})
+
+        self.blocks = ModuleList([])
+        for index in range(depth):
+            is_second_half = index >= depth - depth // 2
+            skip_proj = nn.Linear(dim * 2, dim, bias=False) if unet_skips and is_second_half else None
+            attn = Attention(dim, dim_head=dim_head, heads=heads, dropout=dropout, use_flex_attn=use_flex_attn, laser=attn_laser, **attn_kwargs)
+            ff = FeedForward(dim, expansion_factor=ff_expansion_factor, dropout=dropout, **ff_kwargs)
+            self.blocks.append(Block(dim, dim_cond, attn, ff, skip_proj))
+
+        self.norm = RMSNorm(dim)
+
+    def new_cache(self, batch: int, capacity: int = 256, *, device=None, dtype=torch.float32) -> KVCache:
+        return KVCache(self.depth, batch, self.heads, self.dim_head, capacity, device=device, dtype=dtype)
+
+    @typecheck
+    def forward(
+        self,
+        tokens: Float["b n d"],
+        positions: Int["b n"],
+        mask: AttentionMask,
+        token_instance: Int["b n"] | None = None,
+        instance_times: Float["m"] | None = None,
+        cache: KVCache | None = None,
+    ) -> Float["b n d"]:
+        """
+        tokens: (b, n, d) embedded text and modality tokens
+        positions: (b, n) rotary positions
+        mask: built once by the caller for the whole batch
+        token_instance: (b, n) modality instance of each token, -1 for text (None: all text)
+        instance_times: (m,) flow time of each instance (conditions only that instance's tokens)
+        cache: keys / values of earlier tokens; the new ones are written, not committed
+        """
+        instance_cond = self.time_embed(instance_times) if exists(instance_times) and instance_times.numel() > 0 else None
+        modulation = Modulation(token_instance if exists(instance_cond) else None)
+        rotary = self.rotary(positions)
+
+        use_checkpoint = self.use_checkpoint and self.training and cache is None and torch.is_grad_enabled()
+
+        x = tokens
+        skips = []
+        num_skips = sum(exists(block.skip_proj) for block in self.blocks)
+
+        for index, block in enumerate(self.blocks):
+            if index < num_skips:
+                skips.append(x)
+            if exists(block.skip_proj):
+                x = x + block.skip_proj(torch.cat((x, skips.pop()), dim=-1))
+
+            if use_checkpoint:
+                x = checkpoint(block, x, instance_cond, modulation, rotary, mask, cache, index, use_reentrant=False)
+            else:
+                x = block(x, instance_cond, modulation, rotary, mask, cache, index)
+
+        return self.norm(x)
