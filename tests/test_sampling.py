@@ -180,3 +180,22 @@ def test_ema_samples():
     ema = model.create_ema()
     out = ema.sample(prompt=opened_modality(model, 1, (2,)), max_length=4, modality_steps=2)
     assert out[1][1].shape == (2, 6)
+
+
+def test_kv_cache_feeds_each_token_once_and_only_the_modality_per_ode_step():
+    model = two_modality_model()
+    prompt = [randint(0, 16, (6,)), opened_modality(model, 0, (2, 3))]
+    prompt_len = 1 + 6 + len(opened_modality(model, 0, (2, 3)))  # sos + text + [meta] "2,3" [som] (+3 leading text)
+    fed = []
+    handle = model.transformer.register_forward_pre_hook(lambda module, args, kwargs: fed.append(args[0].shape[1]), with_kwargs=True)
+    torch.manual_seed(0)
+    out = model.sample(prompt=prompt, max_length=12, modality_steps=5, text_temperature=1.0)
+    handle.remove()
+    # prefill once, then: 2·4 midpoint evaluations of the 6 image tokens + 1 commit at t = 1,
+    # then one token per text step ([eom] first)
+    assert fed[0] == prompt_len
+    assert fed[1:10] == [6] * 9
+    assert all(n == 1 for n in fed[10:])
+    generated_text = sum(x.numel() for x in out if torch.is_tensor(x)) - prompt_len
+    # one forward per text token after the image ([eom] and every sampled token but the last)
+    assert len(fed) - 10 == generated_text - 1
