@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import make_model, tiny_transformer
 from torch import nn, randint, randn
 
-from conftest import make_model, tiny_transformer
-from transfusion_pytorch import LossBreakdown, Transfusion, Transformer, print_modality_sample
+from transfusion_pytorch import LossBreakdown, Transformer, Transfusion, print_modality_sample
 
 
 def test_012_readme_one_modality():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import wraps
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -24,10 +25,7 @@ def per_modality(value, num_modalities: int, name: str) -> tuple:
     """One value for every modality, or a tuple with exactly one value per modality."""
     values = cast_tuple(value, num_modalities)
     if len(values) != num_modalities:
-        raise ValueError(
-            f"`{name}` must be one value or a tuple of {num_modalities} values (one per modality), "
-            f"got {len(values)}: {value!r}"
-        )
+        raise ValueError(f"`{name}` must be one value or a tuple of {num_modalities} values (one per modality), got {len(values)}: {value!r}")
     return values
 
 

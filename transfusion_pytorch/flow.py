@@ -10,7 +10,7 @@ works on any `velocity(t, x)` callable.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

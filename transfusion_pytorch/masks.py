@@ -13,7 +13,7 @@ in one vectorised call.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

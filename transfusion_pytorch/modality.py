@@ -8,8 +8,8 @@ encoder / decoder and U-Net blocks, sampler output).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from axial_positional_embedding import ContinuousAxialPositionalEmbedding

@@ -11,7 +11,8 @@ Without the cache every step re-runs the whole sequence; both give the same samp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -19,7 +20,6 @@ from torch import Tensor
 from ._utils import exists
 from .attention import AttentionMask, KVCache
 from .flow import integrate
-from .layout import build_layout
 from .masks import causal, dense_mask
 from .modality import to_channel_first
 

@@ -172,9 +172,7 @@ class Transformer(Module):
         if dim_head % 2 != 0:
             raise ValueError(f"`dim_head` must be even for rotary embeddings, got {dim_head}")
         if num_residual_streams != 1:
-            raise ValueError(
-                f"`num_residual_streams` must be 1: hyper-connections of 0.12 are not carried over (got {num_residual_streams})"
-            )
+            raise ValueError(f"`num_residual_streams` must be 1: hyper-connections of 0.12 are not carried over (got {num_residual_streams})")
 
         self.dim = dim
         self.depth = depth

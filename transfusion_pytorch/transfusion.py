@@ -8,7 +8,8 @@ and rectified-flow regression on modalities (`flow.py`). Sampling lives in
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from ema_pytorch import EMA
 from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
-from ._typing import Float, Int, typecheck
+from ._typing import Int, typecheck
 from ._utils import default, eval_mode, exists, per_modality
 from .attention import AttentionMask, KVCache
 from .flow import default_times_fn, noise_path, predicted_data, velocity_target
@@ -642,7 +643,9 @@ class Transfusion(Module):
             heads = self.modality_heads[k]
             recon = [predicted_data(noised[i], velocities[i], t[i]) for i in indices]
             if exists(heads.decoder):
-                recon = map_grouped(heads.decoder, [to_channel_first(x, heads.spec.channel_first) for x in recon], self.modality_encoder_decoder_requires_batch_dim)
+                recon = map_grouped(
+                    heads.decoder, [to_channel_first(x, heads.spec.channel_first) for x in recon], self.modality_encoder_decoder_requires_batch_dim
+                )
                 target = [prepared.raw[i] for i in indices]
             else:
                 target = [prepared.latents[i] for i in indices]
@@ -670,8 +673,13 @@ class Transfusion(Module):
             raise ValueError("`modalities` must hold at least one sample")
         batch = [[(modality_type, x)] for x in items]
         if not return_loss:  # inputs are already encoded, noised latents
-            prepared = _Prepared([[i] for i in range(len(items))], [modality_type] * len(items),
-                                 [self.to_latent(x.to(self.device), modality_type, "modalities") for x in items], items, list(range(len(items))))
+            prepared = _Prepared(
+                [[i] for i in range(len(items))],
+                [modality_type] * len(items),
+                [self.to_latent(x.to(self.device), modality_type, "modalities") for x in items],
+                items,
+                list(range(len(items))),
+            )
         else:
             prepared = self.prepare(batch)
         rows = [[i] for i in range(len(items))]
