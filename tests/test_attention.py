@@ -2,8 +2,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import gpu_available, make_model, tiny_transformer
 
+from conftest import gpu_available, make_model, tiny_transformer
 from transfusion_pytorch.attention import Attention, AttentionMask, KVCache
 from transfusion_pytorch.masks import dense_mask, transfusion_mask
 

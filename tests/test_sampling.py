@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import make_model
 from torch import randint, randn
 
+from conftest import make_model
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.sampling import min_p_filter, sample_token
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import make_model, tiny_transformer
 from torch import randint, randn
 
+from conftest import make_model, tiny_transformer
 from transfusion_pytorch import Transfusion
 
 
