@@ -119,7 +119,9 @@ def main() -> None:
     results["package_version"] = package_version()
     results["torch_version"] = torch.__version__
 
-    print(f"transfusion_pytorch {results['package_version']} ({os.path.dirname(transfusion_pytorch.__file__)}), torch {torch.__version__}, {args.threads} threads")
+    print(
+        f"transfusion_pytorch {results['package_version']} ({os.path.dirname(transfusion_pytorch.__file__)}), torch {torch.__version__}, {args.threads} threads"
+    )
     for key in ("train_step_s", "text128_s", "modality8_s", "peak_rss_mib"):
         value = results[key]
         print(f"  {key:<14} {value:10.4f}" if isinstance(value, float) else f"  {key:<14} {value}")

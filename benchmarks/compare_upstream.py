@@ -100,7 +100,9 @@ def main() -> None:
         verdict = None if target is None or ratio is None else ("PASS" if ratio <= target else "MISS")
         table[m] = dict(ours=o, theirs=t, ratio=ratio, target=target, verdict=verdict)
 
-        fmt = lambda v: f"{v:10.4f}" if isinstance(v, float) else f"{'error':>10}"
+        def fmt(v):
+            return f"{v:10.4f}" if isinstance(v, float) else f"{'error':>10}"
+
         target_text = "-" if target is None else f"<= {target}  {verdict or 'n/a'}"
         print(f"{m:<14} {fmt(o)} {fmt(t)} {ratio if ratio is None else format(ratio, '7.3f'):>7}  {target_text}")
         for side, v in (("ours", o), ("theirs", t)):
