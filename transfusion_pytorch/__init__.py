@@ -2,7 +2,7 @@
 continuous modalities by flow matching, in one interleaved sequence (arXiv 2408.11039)."""
 
 from transfusion_pytorch.attention import KVCache
-from transfusion_pytorch.data import collate_fn, create_dataloader
+from transfusion_pytorch.data import BucketBatchSampler, collate_fn, create_dataloader, padding_fraction
 from transfusion_pytorch.layout import default_to_modality_shape_fn
 from transfusion_pytorch.sampling import min_p_filter, top_k_filter
 from transfusion_pytorch.transformer import Transformer
@@ -17,6 +17,8 @@ __all__ = [
     "print_modality_sample",
     "collate_fn",
     "create_dataloader",
+    "BucketBatchSampler",
+    "padding_fraction",
     "default_to_modality_shape_fn",
     "min_p_filter",
     "top_k_filter",

@@ -127,7 +127,7 @@ def generate_modality(
     def velocity(t: Tensor, x: Tensor) -> Tensor:
         nonlocal layout
         _, layout, v = model.predict(rows, types, list(x.unbind(0)), t.reshape(1).expand(batch_size), layout=layout, full_attention=True)
-        return torch.stack(v)
+        return torch.stack(v).float()  # the ODE state stays fp32 under autocast
 
     noise = torch.randn((batch_size, *shape, spec.dim_latent), device=model.device)
     latents = list(integrate(velocity, noise, modality_steps, model.odeint_kwargs).unbind(0))
@@ -217,8 +217,8 @@ class _Stream:
             times = torch.ones(len(self.types) + 1, device=model.device)
             times[-1] = t
             _, _, velocities = model.predict([[*self.segments, len(self.types)]], [*self.types, modality_type], [*self.latents, latent], times)
-            return velocities[-1]
-        return self._cached_modality_pass(modality_type, latent, t, commit=False)
+            return velocities[-1].float()  # the ODE state stays fp32 under autocast
+        return self._cached_modality_pass(modality_type, latent, t, commit=False).float()
 
     def commit_modality(self, modality_type: int, latent: Tensor):
         if exists(self.cache):

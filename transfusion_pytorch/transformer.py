@@ -165,7 +165,10 @@ class Transformer(Module):
         num_residual_streams: int = 1,
         num_residual_fracs: int = 4,
     ):
+        # the constructor's arguments, for checkpoints (`training.py`)
+        config = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
+        self.config = config
         for name, value in (("dim", dim), ("depth", depth), ("dim_head", dim_head), ("heads", heads)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")

@@ -91,7 +91,10 @@ class Transfusion(Module):
         modality_encoder_decoder_requires_batch_dim: bool = True,
         odeint_kwargs: dict | None = None,
     ):
+        # the constructor's arguments, for checkpoints (`training.py`)
+        config = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
+        self.config = config
 
         if not isinstance(num_text_tokens, int) or isinstance(num_text_tokens, bool) or num_text_tokens < 0:
             raise ValueError(f"`num_text_tokens` must be an int >= 0, got {num_text_tokens!r}")
@@ -233,6 +236,22 @@ class Transfusion(Module):
                 if exists(module):
                     frozen |= set(module.parameters())
         return set(self.parameters()) - frozen
+
+    @classmethod
+    def from_checkpoint(cls, path, **overrides) -> Transfusion:
+        """Rebuild a model (encoders / decoders of this package included) from a checkpoint written
+        by `training.save_checkpoint`, with its weights, ready to sample. Arguments the checkpoint
+        cannot rebuild (your own encoder class, a custom shape parser) are passed as `overrides`."""
+        import json
+
+        from .training import model_from_config, read_checkpoint
+
+        payload = read_checkpoint(path)
+        if payload["config"] is None:
+            raise ValueError(f"checkpoint `path` {str(path)!r} holds no model config")
+        model = model_from_config(json.loads(payload["config"]), cls, **overrides)
+        model.load_state_dict(payload["model"])
+        return model
 
     def create_ema(self, beta: float = 0.99, **ema_kwargs) -> EMA:
         """An `ema_pytorch.EMA` copy whose `sample` / `generate_*` run the EMA weights."""

@@ -1,0 +1,229 @@
+"""The training toolkit: checkpoints that resume, mixed precision, logging."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn, randint, randn
+
+from conftest import tiny_transformer
+from transfusion_pytorch import Transfusion
+from transfusion_pytorch.codecs import Patchify, Unpatchify
+from transfusion_pytorch.training import RunLogger, breakdown_metrics, load_checkpoint, make_precision, save_checkpoint
+
+
+def build(depth=2):
+    return Transfusion(
+        num_text_tokens=16,
+        dim_latent=8,
+        channel_first_latent=True,
+        modality_default_shape=(2, 2),
+        modality_encoder=Patchify(2),
+        modality_decoder=Unpatchify(2),
+        add_pos_emb=True,
+        transformer=tiny_transformer() | dict(depth=depth),
+    )
+
+
+def batch_for(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return [[randint(0, 16, (4,), generator=g), randn(2, 4, 4, generator=g)] for _ in range(3)]
+
+
+def train(model, optimizer, scheduler, ema, steps, start=0):
+    for step in range(start, start + steps):
+        loss = model(batch_for(step), velocity_consistency_ema_model=ema)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        ema.update()
+
+
+def fresh(seed=0):
+    torch.manual_seed(seed)
+    model = build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    ema = model.create_ema(beta=0.9, update_after_step=0, update_every=1)
+    return model, optimizer, scheduler, ema
+
+
+def test_resume_matches_uninterrupted_training(tmp_path):
+    model, optimizer, scheduler, ema = fresh()
+    torch.manual_seed(7)
+    train(model, optimizer, scheduler, ema, 5)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    reference_ema = {k: v.clone() for k, v in ema.state_dict().items()}
+
+    model, optimizer, scheduler, ema = fresh()
+    torch.manual_seed(7)
+    train(model, optimizer, scheduler, ema, 3)
+    save_checkpoint(tmp_path / "ckpt.pt", model, optimizer, scheduler, ema, step=3)
+    torch.rand(100)  # the "crash": the global RNG moves on, everything is thrown away
+
+    model, optimizer, scheduler, ema = fresh(seed=123)  # different init, overwritten by the load
+    state = load_checkpoint(tmp_path / "ckpt.pt", model, optimizer, scheduler, ema)
+    assert state["step"] == 3
+    train(model, optimizer, scheduler, ema, 2, start=3)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    for name, value in ema.state_dict().items():
+        assert torch.equal(value, reference_ema[name]), name
+
+
+def test_resume_in_a_new_process_after_kill(tmp_path):
+    script = f"""
+import os, sys, torch
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_training import fresh, train
+from transfusion_pytorch.training import save_checkpoint, load_checkpoint
+mode, path = sys.argv[1], sys.argv[2]
+model, optimizer, scheduler, ema = fresh()
+if mode == "first":
+    torch.manual_seed(7)
+    train(model, optimizer, scheduler, ema, 3)
+    save_checkpoint(path, model, optimizer, scheduler, ema, step=3)
+    os.kill(os.getpid(), 9)
+load_checkpoint(path, model, optimizer, scheduler, ema)
+train(model, optimizer, scheduler, ema, 2, start=3)
+torch.save(model.state_dict(), path + ".final")
+"""
+    path = str(tmp_path / "ckpt.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, "-c", script, "first", path], env=env)
+    assert first.returncode == -9  # killed right after saving
+    subprocess.run([sys.executable, "-c", script, "resume", path], env=env, check=True)
+
+    model, optimizer, scheduler, ema = fresh()
+    torch.manual_seed(7)
+    train(model, optimizer, scheduler, ema, 5)
+    resumed = torch.load(path + ".final", weights_only=True)
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, resumed[name], atol=1e-6), name
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = build()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model, step=1)
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, step=2)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+def test_checkpoint_of_another_configuration(tmp_path):
+    save_checkpoint(tmp_path / "ckpt.pt", build(depth=2))
+    with pytest.raises(ValueError, match=r"path.*another configuration.*transformer.depth"):
+        load_checkpoint(tmp_path / "ckpt.pt", build(depth=3))
+
+
+def test_loading_never_executes_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "transfusion_pytorch.checkpoint/1", "model": Evil()}, bad)
+    with pytest.raises(ValueError, match="path"):
+        load_checkpoint(bad, build())
+    assert not marker.exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="path"):
+        Transfusion.from_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="path"):
+        Transfusion.from_checkpoint(tmp_path / "missing.pt")
+
+
+def test_from_checkpoint_rebuilds_model_with_codecs(tmp_path):
+    model = build().eval()
+    save_checkpoint(tmp_path / "ckpt.pt", model)
+    rebuilt = Transfusion.from_checkpoint(tmp_path / "ckpt.pt").eval()
+    assert isinstance(rebuilt.modality_heads[0].encoder, Patchify)
+    x = randn(2, 8, 2, 2)
+    t = torch.rand(2)
+    with torch.no_grad():
+        assert torch.allclose(model(x, times=t, return_loss=False), rebuilt(x, times=t, return_loss=False))
+
+
+def test_from_checkpoint_needs_overrides_for_foreign_modules(tmp_path):
+    model = Transfusion(num_text_tokens=4, dim_latent=8, modality_encoder=nn.Linear(3, 8), transformer=tiny_transformer())
+    save_checkpoint(tmp_path / "ckpt.pt", model)
+    with pytest.raises(ValueError, match="modality_encoder"):
+        Transfusion.from_checkpoint(tmp_path / "ckpt.pt")
+    rebuilt = Transfusion.from_checkpoint(tmp_path / "ckpt.pt", modality_encoder=nn.Linear(3, 8))
+    assert torch.equal(rebuilt.modality_heads[0].encoder.weight, model.modality_heads[0].encoder.weight)
+
+
+def test_bf16_autocast_tracks_fp32():
+    precision = make_precision(use_amp=True, amp_dtype="bf16")
+    losses = {}
+    for name, ctx in (("fp32", make_precision().autocast), ("bf16", precision.autocast)):
+        torch.manual_seed(0)
+        model = build()
+        ema = model.create_ema()
+        torch.manual_seed(1)
+        with ctx():
+            loss, breakdown = model(batch_for(0), velocity_consistency_ema_model=ema, return_breakdown=True)
+        assert loss.dtype == torch.float32  # losses stay fp32
+        assert all(torch.isfinite(v) for v in (loss, *breakdown.flow, *breakdown.velocity))
+        losses[name] = loss.item()
+    # bf16 keeps 8 bits of mantissa (~0.4 % per rounding); through a 2-layer net the loss
+    # moves by well under 5 %
+    assert abs(losses["bf16"] - losses["fp32"]) / losses["fp32"] < 0.05
+
+
+def test_bf16_training_steps_stay_finite_and_learn():
+    torch.manual_seed(0)
+    model = build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    precision = make_precision(use_amp=True, amp_dtype="bf16")
+    losses = []
+    for step in range(30):
+        with precision.autocast():
+            loss = model(batch_for(step % 2))
+        grad_norm = precision.step(loss, optimizer, model.parameters(), max_grad_norm=1.0)
+        assert torch.isfinite(grad_norm)
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_bad_precision_arguments():
+    with pytest.raises(ValueError, match="amp_dtype"):
+        make_precision(True, "fp8")
+    with pytest.raises(ValueError, match="amp_dtype"):
+        make_precision(True, "fp16", "cpu")
+
+
+def test_logger_writes_jsonl_and_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    model = build()
+    _, breakdown = model(batch_for(0), return_breakdown=True)
+    metrics = breakdown_metrics(breakdown)
+    assert set(metrics) == {"loss/total", "loss/text", "loss/flow_0"}
+    logger = RunLogger(tmp_path, use_wandb=True, config={"lr": 1e-3})
+    logger.log(metrics, step=1)
+    logger.log_images("samples", [torch.rand(4, 4)], step=1, captions=["x"])
+    logger.finish()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["loss/total"] == pytest.approx(metrics["loss/total"])
+    assert any((tmp_path / "wandb").iterdir())  # the offline run was written locally
+
+
+def test_nothing_imports_wandb_without_the_flag(tmp_path):
+    code = f"import sys; from transfusion_pytorch.training import RunLogger; RunLogger({str(tmp_path)!r}).log({{'a': 1}}, 0); print('wandb' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,45 @@
+"""Parameter-free modality encoders / decoders that checkpoints can rebuild (`get_config`)."""
+
+from __future__ import annotations
+
+from einops import rearrange
+from torch import Tensor
+from torch.nn import Module
+
+
+class Patchify(Module):
+    """Image `(b, c, h, w)` → channel-first latent `(b, c·p·p, h/p, w/p)`: each p×p patch one token.
+
+    A lossless, parameter-free "encoder" (as in ViT / DiT patch embedding, without the
+    projection, which the model's `latent_to_model` provides).
+    """
+
+    def __init__(self, patch_size: int):
+        super().__init__()
+        if not isinstance(patch_size, int) or patch_size <= 0:
+            raise ValueError(f"`patch_size` must be a positive int, got {patch_size!r}")
+        self.patch_size = patch_size
+
+    def get_config(self) -> dict:
+        return {"patch_size": self.patch_size}
+
+    def forward(self, images: Tensor) -> Tensor:
+        p = self.patch_size
+        if images.shape[-1] % p or images.shape[-2] % p:
+            raise ValueError(f"image sides {tuple(images.shape[-2:])} must be multiples of `patch_size` {p}")
+        return rearrange(images, "b c (h p1) (w p2) -> b (c p1 p2) h w", p1=p, p2=p)
+
+
+class Unpatchify(Module):
+    """The inverse of `Patchify`: `(b, c·p·p, h, w)` → `(b, c, h·p, w·p)`."""
+
+    def __init__(self, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+
+    def get_config(self) -> dict:
+        return {"patch_size": self.patch_size}
+
+    def forward(self, latents: Tensor) -> Tensor:
+        p = self.patch_size
+        return rearrange(latents, "b (c p1 p2) h w -> b c (h p1) (w p2)", p1=p, p2=p)
