@@ -95,17 +95,37 @@ class KVCache:
         self.keys = F.pad(self.keys, (0, 0, 0, pad))
         self.values = F.pad(self.values, (0, 0, 0, pad))
 
-    def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, keys: Tensor, values: Tensor, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
         start = self.length
         end = start + keys.shape[-2]
         if end > self.capacity:
             self._grow(end)
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        self.keys[layer, rows, :, start:end] = keys
+        self.values[layer, rows, :, start:end] = values
+        return self.keys[layer, rows, :, :end], self.values[layer, rows, :, :end]
 
     def commit(self, num_tokens: int):
         self.length += num_tokens
+
+    def rows(self, rows: slice) -> KVCacheRows:
+        """A view on some batch rows (e.g. the conditional row of a CFG cache), sharing storage and length."""
+        return KVCacheRows(self, rows)
+
+
+class KVCacheRows:
+    def __init__(self, cache: KVCache, rows: slice):
+        self.cache = cache
+        self.selected = rows
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cache.update(layer, keys, values, rows=self.selected)
+
+    def commit(self, num_tokens: int):
+        self.cache.commit(num_tokens)
 
 
 # flex attention, compiled once on first use on CUDA

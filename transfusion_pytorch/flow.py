@@ -52,3 +52,9 @@ def integrate(
         raise ValueError(f"`modality_steps` must be at least 2 (the start and end times), got {steps}")
     times = torch.linspace(0.0, 1.0, steps, device=noise.device)
     return odeint(velocity_fn, noise, times, **odeint_kwargs)[-1]
+
+
+def cfg_blend(v_cond: Tensor, v_uncond: Tensor, cfg_scale: float) -> Tensor:
+    """Classifier-free guidance (arXiv 2207.12598) on velocities: `v_u + s · (v_c − v_u)`.
+    Every sampler calls this one function."""
+    return v_uncond + cfg_scale * (v_cond - v_uncond)

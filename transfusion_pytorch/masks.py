@@ -71,16 +71,42 @@ def and_masks(*mask_fns: MaskFn) -> MaskFn:
     return mask
 
 
-def transfusion_mask(instance_ids: Int["b n"], document_ids: Int["b n"] | None = None) -> MaskFn:
+def classifier_free(base: MaskFn, instance_ids: Int["b n"], unconditional: Tensor, is_null: Tensor) -> MaskFn:
+    """Conditioning dropout for classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598).
+
+    `unconditional[m]` marks instance `m` as unconditional: its tokens (a learned null token
+    first, then the modality) see only each other — none of the text or modalities before
+    it. Every other query follows `base`, but never sees a null token (`is_null[b, j]`),
+    so text after an unconditional image sees the image and not its null token.
+    """
+    same_instance = modality_bidirectional(instance_ids)
+
+    def mask(b, h, q_idx, kv_idx):
+        q_instance = instance_ids[b, q_idx]
+        q_unconditional = (q_instance >= 0) & unconditional[q_instance.clamp(min=0)]
+        return torch.where(q_unconditional, same_instance(b, h, q_idx, kv_idx), base(b, h, q_idx, kv_idx) & ~is_null[b, kv_idx])
+
+    return mask
+
+
+def transfusion_mask(
+    instance_ids: Int["b n"],
+    document_ids: Int["b n"] | None = None,
+    unconditional: Tensor | None = None,
+    is_null: Tensor | None = None,
+) -> MaskFn:
     """The Transfusion rule (arXiv 2408.11039, section 3.2): causal everywhere, plus
     bidirectional inside each modality instance; restricted to one document when packed.
 
     A token of an image therefore sees every text token and earlier modality before the
     image and every token of its own image, and no token after the image.
     Right padding needs no rule of its own: padding sits after every real token, so the
-    causal rule already hides it from real queries.
+    causal rule already hides it from real queries. With `unconditional` (one bool per
+    instance) and `is_null` (per token), unconditional instances follow `classifier_free`.
     """
     mask = or_masks(causal, modality_bidirectional(instance_ids))
+    if unconditional is not None:
+        mask = classifier_free(mask, instance_ids, unconditional, is_null)
     if document_ids is not None:
         mask = and_masks(mask, same_document(document_ids))
     return mask

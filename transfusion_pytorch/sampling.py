@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._utils import exists
 from .attention import AttentionMask, KVCache
-from .flow import integrate
+from .flow import cfg_blend, integrate
 from .masks import causal, dense_mask
 from .modality import to_channel_first
 
@@ -113,21 +113,29 @@ def generate_modality(
     fixed_modality_shape: tuple[int, ...] | None = None,
     modality_steps: int = 16,
     return_unprocessed_modalities: bool = False,
+    cfg_scale: float = 1.0,
 ) -> Tensor:
     modality_type = model.check_modality_type(modality_type)
+    cfg_scale = model.check_cfg_scale(cfg_scale)
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
     spec = model.spec(modality_type)
     shape = check_shape(model, modality_type, fixed_modality_shape if exists(fixed_modality_shape) else spec.default_shape, "fixed_modality_shape")
 
-    rows = [[i] for i in range(batch_size)]
-    types = [modality_type] * batch_size
+    guided = cfg_scale != 1.0
+    copies = 2 if guided else 1  # conditional rows, then unconditional rows (null token + modality), one batch
+    rows = [[i] for i in range(batch_size * copies)]
+    types = [modality_type] * batch_size * copies
+    unconditional = [False] * batch_size + [True] * batch_size if guided else None
     layout = None
 
     def velocity(t: Tensor, x: Tensor) -> Tensor:
         nonlocal layout
-        _, layout, v = model.predict(rows, types, list(x.unbind(0)), t.reshape(1).expand(batch_size), layout=layout, full_attention=True)
-        return torch.stack(v).float()  # the ODE state stays fp32 under autocast
+        latents = list(x.unbind(0)) * copies
+        times = t.reshape(1).expand(batch_size * copies)
+        _, layout, v = model.predict(rows, types, latents, times, layout=layout, full_attention=not guided, unconditional=unconditional)
+        v = torch.stack(v).float()  # the ODE state stays fp32 under autocast
+        return cfg_blend(v[:batch_size], v[batch_size:], cfg_scale) if guided else v
 
     noise = torch.randn((batch_size, *shape, spec.dim_latent), device=model.device)
     latents = list(integrate(velocity, noise, modality_steps, model.odeint_kwargs).unbind(0))
@@ -154,12 +162,17 @@ def check_shape(model: Transfusion, modality_type: int, shape, name: str) -> tup
 class _Stream:
     """The sequence sampled so far: text id tensors and modality instances, plus the KV cache."""
 
-    def __init__(self, model: Transfusion, cache_kv: bool):
+    def __init__(self, model: Transfusion, cache_kv: bool, cfg_scale: float = 1.0):
         self.model = model
+        self.cfg_scale = cfg_scale
         self.segments: list[Tensor | int] = []
         self.types: list[int] = []
         self.latents: list[Tensor] = []
-        self.cache: KVCache | None = model.transformer.new_cache(1, device=model.device) if cache_kv else None
+        # with guidance the cache has a second row for the unconditional pass of each ODE step;
+        # everything else (prefill, text, committing a modality) uses the conditional row
+        guided = cfg_scale != 1.0
+        self.full_cache: KVCache | None = model.transformer.new_cache(2 if guided else 1, device=model.device) if cache_kv else None
+        self.cache = self.full_cache.rows(slice(0, 1)) if guided and cache_kv else self.full_cache
         self.pending: list[Tensor | int] = []  # segments not yet in the cache
         self.next_position = 0
 
@@ -211,20 +224,70 @@ class _Stream:
         return text_step(model, ids, positions, cache)[0]
 
     def modality_velocity(self, modality_type: int, latent: Tensor, t: Tensor) -> Tensor:
-        """Velocity of the modality being generated, `latent` at time `t`, after the whole stream."""
-        model, cache = self.model, self.cache
-        if cache is None:
-            times = torch.ones(len(self.types) + 1, device=model.device)
-            times[-1] = t
-            _, _, velocities = model.predict([[*self.segments, len(self.types)]], [*self.types, modality_type], [*self.latents, latent], times)
-            return velocities[-1].float()  # the ODE state stays fp32 under autocast
-        return self._cached_modality_pass(modality_type, latent, t, commit=False).float()
+        """Velocity of the modality being generated, `latent` at time `t`, after the whole stream
+        (guided by `cfg_scale` when it is not 1). The ODE state stays fp32 under autocast."""
+        if exists(self.cache):
+            if self.cfg_scale == 1.0:
+                return self._cached_modality_pass(modality_type, latent, t, commit=False).float()
+            return self._cached_guided_pass(modality_type, latent, t)
+
+        # no cache: the whole sequence; with guidance a second row holds the same sequence with
+        # the new instance unconditional (it sees only its null token and itself)
+        model, count = self.model, len(self.types)
+        guided = self.cfg_scale != 1.0
+        rows = [[*self.segments, count]]
+        types, latents = [*self.types, modality_type], [*self.latents, latent]
+        times = torch.ones(count + 1, device=model.device)
+        times[-1] = t
+        unconditional = None
+        if guided:
+            shift = count + 1
+            rows.append([s + shift if isinstance(s, int) else s for s in self.segments] + [2 * count + 1])
+            types, latents, times = types * 2, latents * 2, torch.cat((times, times))
+            unconditional = [False] * (2 * count + 1) + [True]
+        _, _, velocities = model.predict(rows, types, latents, times, unconditional=unconditional)
+        if not guided:
+            return velocities[-1].float()
+        return cfg_blend(velocities[count].float(), velocities[-1].float(), self.cfg_scale)
 
     def commit_modality(self, modality_type: int, latent: Tensor):
         if exists(self.cache):
             self._cached_modality_pass(modality_type, latent, torch.ones((), device=latent.device), commit=True)
             self.next_position += 1
         self.add_instance(modality_type, latent, pending=False)
+
+    def _cached_guided_pass(self, modality_type: int, latent: Tensor, t: Tensor) -> Tensor:
+        """Conditional and unconditional velocity in one batched forward of two rows.
+
+        Row 0 (conditional) sees the cached prefix and the modality; row 1 (unconditional)
+        sees only the null token and the modality, as in training. Both rows carry a leading
+        null token so their lengths match; in row 0 it is masked out (it sees only itself,
+        nothing sees it).
+        """
+        model, cache = self.model, self.full_cache
+        heads = model.modality_heads[modality_type]
+        (tokens,), (token_shape,) = heads.to_model_tokens([latent])
+        row = torch.cat((model.null_embed[None].to(tokens.dtype), tokens))
+        length, prefix = row.shape[0], cache.length
+        device = model.device
+
+        new = torch.ones(2, length, length, dtype=torch.bool, device=device)
+        new[0, :, 0] = False  # nobody in the conditional row sees its placeholder …
+        new[0, 0, 0] = True  # … which sees only itself
+        seen_prefix = torch.zeros(2, length, prefix, dtype=torch.bool, device=device)
+        seen_prefix[0] = True
+        mask = torch.cat((seen_prefix, new), dim=-1)[:, None]
+
+        embed = model.transformer(
+            torch.stack((row, row)),
+            torch.full((2, length), self.next_position, device=device),
+            AttentionMask(dense=mask),
+            token_instance=torch.zeros((2, length), dtype=torch.long, device=device),
+            instance_times=t.reshape(1).float(),
+            cache=cache,
+        )
+        v_cond, v_uncond = (heads.to_latents(embed[i, 1:], [token_shape])[0].float() for i in range(2))
+        return cfg_blend(v_cond, v_uncond, self.cfg_scale)
 
     def _cached_modality_pass(self, modality_type: int, latent: Tensor, t: Tensor, commit: bool) -> Tensor:
         model, cache = self.model, self.cache
@@ -255,16 +318,21 @@ def sample_interleaved(
     init_modality_noise: Tensor | None = None,
     modality_steps: int = 16,
     return_unprocessed_modalities: bool = False,
+    cfg_scale: float = 1.0,
 ) -> list:
+    cfg_scale = model.check_cfg_scale(cfg_scale)
     if not isinstance(max_length, int) or max_length <= 0:
         raise ValueError(f"`max_length` must be a positive int, got {max_length!r}")
     if exists(init_modality_noise) and (not torch.is_tensor(init_modality_noise) or init_modality_noise.ndim != 2):
         raise ValueError("`init_modality_noise` must be a float tensor of shape (tokens, dim_latent)")
 
     if model.num_text_tokens == 0:  # nothing to write: one modality, as 0.12
-        return [(0, model.generate_modality_only(batch_size=1, modality_steps=modality_steps, return_unprocessed_modalities=return_unprocessed_modalities)[0])]
+        out = model.generate_modality_only(
+            batch_size=1, modality_steps=modality_steps, return_unprocessed_modalities=return_unprocessed_modalities, cfg_scale=cfg_scale
+        )
+        return [(0, out[0])]
 
-    stream = _Stream(model, cache_kv)
+    stream = _Stream(model, cache_kv, cfg_scale)
     start_prompt(model, stream, prompt)
 
     length = 0

@@ -90,6 +90,7 @@ class Transfusion(Module):
         reconstruction_loss_weight: float = 0.0,
         modality_encoder_decoder_requires_batch_dim: bool = True,
         odeint_kwargs: dict | None = None,
+        unconditional_prob: float = 0.0,
     ):
         # the constructor's arguments, for checkpoints (`training.py`)
         config = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
@@ -98,6 +99,9 @@ class Transfusion(Module):
 
         if not isinstance(num_text_tokens, int) or isinstance(num_text_tokens, bool) or num_text_tokens < 0:
             raise ValueError(f"`num_text_tokens` must be an int >= 0, got {num_text_tokens!r}")
+
+        if not isinstance(unconditional_prob, (int, float)) or not 0.0 <= unconditional_prob <= 1.0:
+            raise ValueError(f"`unconditional_prob` must be a probability in [0, 1], got {unconditional_prob!r}")
 
         if isinstance(transformer, dict):
             transformer = Transformer(**transformer)
@@ -187,6 +191,13 @@ class Transfusion(Module):
         self.to_text_logits = nn.Linear(dim, vocab_size, bias=False)
         self.register_buffer("text_only_logits_mask", torch.arange(vocab_size) < num_text_tokens, persistent=False)
 
+        # classifier-free guidance: with probability `unconditional_prob` a modality instance
+        # loses its conditioning in training (see `masks.classifier_free`); it then starts
+        # with this learned null token instead of seeing what came before it
+
+        self.unconditional_prob = unconditional_prob
+        self.null_embed = nn.Parameter(torch.randn(dim) * 0.02)
+
         # losses
 
         self.ignore_index = ignore_index
@@ -274,6 +285,15 @@ class Transfusion(Module):
         if not 0 <= modality_type < self.num_modalities:
             raise ValueError(f"`{name}` must be in [0, {self.num_modalities}), got {modality_type}")
         return modality_type
+
+    def check_cfg_scale(self, cfg_scale) -> float:
+        if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
+            raise TypeError(f"`cfg_scale` must be a number, got {type(cfg_scale).__name__}")
+        if cfg_scale != 1 and self.unconditional_prob <= 0:
+            raise ValueError(
+                f"`cfg_scale`={cfg_scale} needs a model trained with conditioning dropout (`unconditional_prob` > 0); this one has unconditional_prob=0"
+            )
+        return float(cfg_scale)
 
     def check_text(self, ids: Tensor, name: str, limit: int | None = None, allow_ignore: bool = False) -> Tensor:
         limit = default(limit, self.ids.vocab_size)
@@ -389,12 +409,19 @@ class Transfusion(Module):
             rows.append(out)
         return rows
 
-    def attention_mask(self, layout: Layout, full_attention: bool = False) -> AttentionMask:
+    def attention_mask(self, layout: Layout, full_attention: bool = False, unconditional: list[bool] | None = None) -> AttentionMask:
         if full_attention:
             return AttentionMask()
         if not layout.has_modalities:
             return AttentionMask(is_causal=True)
-        mask_fn = transfusion_mask(layout.token_instance)
+        if unconditional is not None and any(unconditional):
+            is_null = torch.zeros(layout.batch * layout.seq_len, dtype=torch.bool, device=self.device)
+            starts = [row * layout.seq_len + offset for (row, offset, _), u in zip(layout.instance_offsets, unconditional) if u]
+            is_null[starts] = True
+            flags = torch.tensor(unconditional, dtype=torch.bool, device=self.device)
+            mask_fn = transfusion_mask(layout.token_instance, unconditional=flags, is_null=is_null.reshape(layout.batch, layout.seq_len))
+        else:
+            mask_fn = transfusion_mask(layout.token_instance)
         backend = self.attention_backend
         if backend not in ("auto", "flex", "sdpa"):
             raise ValueError(f"`attention_backend` must be 'auto', 'flex' or 'sdpa', got {backend!r}")
@@ -402,7 +429,8 @@ class Transfusion(Module):
             return AttentionMask(block=block_mask(mask_fn, layout.batch, layout.seq_len, layout.seq_len, self.device))
         return AttentionMask(dense=dense_mask(mask_fn, layout.batch, layout.seq_len, layout.seq_len, self.device))
 
-    def instance_tokens(self, types: list[int], latents: list[Tensor]) -> tuple[list[Tensor], list[tuple[int, ...]]]:
+    def instance_tokens(self, types: list[int], latents: list[Tensor], unconditional: list[bool] | None = None) -> tuple[list[Tensor], list[tuple[int, ...]]]:
+        """Model tokens `(L, d)` of every instance (an unconditional one led by the null token) and their spatial shapes."""
         tokens: list = [None] * len(latents)
         shapes: list = [None] * len(latents)
         for k in set(types):
@@ -410,6 +438,8 @@ class Transfusion(Module):
             toks, token_shapes = self.modality_heads[k].to_model_tokens([latents[i] for i in indices])
             for i, tok, shape in zip(indices, toks, token_shapes):
                 tokens[i], shapes[i] = tok, shape
+        if unconditional is not None:
+            tokens = [torch.cat((self.null_embed[None].to(t.dtype), t)) if u else t for t, u in zip(tokens, unconditional)]
         return tokens, shapes
 
     def predict(
@@ -421,13 +451,15 @@ class Transfusion(Module):
         layout: Layout | None = None,
         full_attention: bool = False,
         cache: KVCache | None = None,
+        unconditional: list[bool] | None = None,
     ) -> tuple[Tensor, Layout, list[Tensor]]:
         """Run the network on rows of segments with noised latents at `times` (one per instance).
 
+        `unconditional` marks instances that see only themselves and the null token (CFG).
         Returns the final hidden states `(b, n, d)`, the layout, and the predicted velocity
         of every instance (channel-last, the instance's latent shape).
         """
-        tokens, token_shapes = self.instance_tokens(types, latents)
+        tokens, token_shapes = self.instance_tokens(types, latents, unconditional)
         if layout is None:
             layout = build_layout(rows, [t.shape[0] for t in tokens], device=self.device)
 
@@ -440,7 +472,7 @@ class Transfusion(Module):
         embed = self.transformer(
             x,
             layout.positions,
-            self.attention_mask(layout, full_attention),
+            self.attention_mask(layout, full_attention, unconditional),
             token_instance=layout.token_instance if layout.has_modalities else None,
             instance_times=times if layout.has_modalities else None,
             cache=cache,
@@ -450,6 +482,8 @@ class Transfusion(Module):
         if layout.has_modalities:
             outputs = embed.reshape(-1, embed.shape[-1])[layout.instance_index]
             per_instance = outputs.split([t.shape[0] for t in tokens])
+            if unconditional is not None:  # drop the null token's output
+                per_instance = [p[1:] if u else p for p, u in zip(per_instance, unconditional)]
             for k in set(types):
                 indices = [i for i, t in enumerate(types) if t == k]
                 predicted = self.modality_heads[k].to_latents(torch.cat([per_instance[i] for i in indices]), [token_shapes[i] for i in indices])
@@ -586,7 +620,8 @@ class Transfusion(Module):
         noised = [noise_path(x1, x0, t_i) for x1, x0, t_i in zip(prepared.latents, noises, t)]
         targets = [velocity_target(x1, x0) for x1, x0 in zip(prepared.latents, noises)]
 
-        embed, layout, velocities = self.predict(rows, prepared.types, noised, t)
+        unconditional = self.draw_unconditional(len(prepared.types))
+        embed, layout, velocities = self.predict(rows, prepared.types, noised, t, unconditional=unconditional)
 
         # text: next-token cross entropy where this and the next token are text
 
@@ -607,7 +642,7 @@ class Transfusion(Module):
 
         velocity_losses = None
         if exists(ema_model):
-            velocity_losses = self.velocity_consistency(ema_model, rows, prepared, noises, t, delta_time, layout, velocities)
+            velocity_losses = self.velocity_consistency(ema_model, rows, prepared, noises, t, delta_time, layout, velocities, unconditional)
             total = total + sum(w * loss for w, loss in zip(weights, velocity_losses)) * self.velocity_consistency_loss_weight
 
         recon_losses = None
@@ -637,7 +672,13 @@ class Transfusion(Module):
             losses.append(F.mse_loss(pred, target))
         return losses
 
-    def velocity_consistency(self, ema_model, rows, prepared: _Prepared, noises, t, delta_time, layout, velocities) -> list[Tensor]:
+    def draw_unconditional(self, num_instances: int) -> list[bool] | None:
+        """Conditioning dropout: which instances train unconditionally this step (training only)."""
+        if not self.training or self.unconditional_prob <= 0 or num_instances == 0:
+            return None
+        return (torch.rand(num_instances) < self.unconditional_prob).tolist()
+
+    def velocity_consistency(self, ema_model, rows, prepared: _Prepared, noises, t, delta_time, layout, velocities, unconditional=None) -> list[Tensor]:
         """Consistency Flow Matching (Yang et al. 2024, arXiv 2407.02398), velocity term:
         the velocity at `(x_t, t)` should match the EMA model's velocity a small step
         `delta` further along the *same* path (same noise), `(x_{t+δ}, t + δ)`."""
@@ -646,7 +687,7 @@ class Transfusion(Module):
         was_training = ema_model.training
         ema_model.eval()
         with torch.no_grad():
-            _, _, ema_velocities = ema_model.predict(rows, prepared.types, noised_next, t_next, layout=layout)
+            _, _, ema_velocities = ema_model.predict(rows, prepared.types, noised_next, t_next, layout=layout, unconditional=unconditional)
         ema_model.train(was_training)
         return self.per_type_mse(prepared.types, velocities, ema_velocities)
 
@@ -702,7 +743,9 @@ class Transfusion(Module):
         else:
             prepared = self.prepare(batch)
         rows = [[i] for i in range(len(items))]
-        full = len({tuple(x.shape) for x in prepared.latents}) == 1
+        unconditional = self.draw_unconditional(len(items)) if return_loss else None
+        # one instance per row and equal lengths: no mask at all
+        full = len({tuple(x.shape) for x in prepared.latents}) == 1 and (unconditional is None or len(set(unconditional)) == 1)
 
         if times is not None and times.ndim == 2:
             times = times[:, 0]
@@ -724,14 +767,16 @@ class Transfusion(Module):
         noises = [torch.randn_like(x) for x in prepared.latents]
         noised = [noise_path(x1, x0, t_i) for x1, x0, t_i in zip(prepared.latents, noises, t)]
         targets = [velocity_target(x1, x0) for x1, x0 in zip(prepared.latents, noises)]
-        _, layout, velocities = self.predict(rows, prepared.types, noised, t, full_attention=full)
+        _, layout, velocities = self.predict(rows, prepared.types, noised, t, full_attention=full, unconditional=unconditional)
 
         flow_losses = self.per_type_mse(prepared.types, velocities, targets)
         total = flow_losses[modality_type]
 
         velocity_losses = None
         if exists(ema_model):
-            velocity_losses = self.velocity_consistency(ema_model, rows, prepared, noises, t, velocity_consistency_delta_time, layout, velocities)
+            velocity_losses = self.velocity_consistency(
+                ema_model, rows, prepared, noises, t, velocity_consistency_delta_time, layout, velocities, unconditional
+            )
             total = total + velocity_losses[modality_type] * self.velocity_consistency_loss_weight
 
         recon_losses = None
@@ -758,6 +803,7 @@ class Transfusion(Module):
         init_modality_noise: Tensor | None = None,
         modality_steps: int = 16,
         return_unprocessed_modalities: bool = False,
+        cfg_scale: float = 1.0,
     ) -> ModalitySample:
         """Continue `prompt` (text, a modality, `(type, tensor)` or an interleaved list) into one
         interleaved sample: text tensors and `(modality_type, tensor)` tuples."""
@@ -774,6 +820,7 @@ class Transfusion(Module):
             init_modality_noise=init_modality_noise,
             modality_steps=modality_steps,
             return_unprocessed_modalities=return_unprocessed_modalities,
+            cfg_scale=cfg_scale,
         )
 
     @torch.no_grad()
@@ -793,6 +840,7 @@ class Transfusion(Module):
         fixed_modality_shape: tuple[int, ...] | None = None,
         modality_steps: int = 16,
         return_unprocessed_modalities: bool = False,
+        cfg_scale: float = 1.0,
     ) -> Tensor:
         """A batch of one modality from noise, `(batch_size, *shape, d)` (decoded if the modality has a decoder)."""
         from .sampling import generate_modality
@@ -804,4 +852,5 @@ class Transfusion(Module):
             fixed_modality_shape=fixed_modality_shape,
             modality_steps=modality_steps,
             return_unprocessed_modalities=return_unprocessed_modalities,
+            cfg_scale=cfg_scale,
         )
