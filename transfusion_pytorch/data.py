@@ -224,3 +224,25 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._rank_batches())
+
+
+def pack_samples(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """First-fit decreasing: sample indices grouped into rows of at most `max_length` tokens.
+
+    A sample longer than `max_length` gets a row of its own. Rows list their samples in
+    input order, so packing is deterministic.
+    """
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
+        raise ValueError(f"`max_length` must be a positive int, got {max_length!r}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for row, free in enumerate(room):
+            if lengths[index] <= free:
+                rows[row].append(index)
+                room[row] -= lengths[index]
+                break
+        else:
+            rows.append([index])
+            room.append(max_length - lengths[index])
+    return [sorted(row) for row in rows]

@@ -25,6 +25,10 @@ from ._typing import Int
 
 NUM_CHAR_IDS = 128
 
+# a segment that starts a new document inside a packed row: positions restart, and the
+# document mask keeps the documents apart
+DOCUMENT_BREAK = "document_break"
+
 
 @dataclass(frozen=True)
 class SpecialIds:
@@ -86,6 +90,8 @@ class Layout:
     token_ids:      (b, n) text ids; -1 at modality tokens and padding
     positions:      (b, n) rotary positions: the tokens of one instance share one position
     token_instance: (b, n) index of the instance each token belongs to, -1 for text / padding
+    document_ids:   (b, n) document (sample) of each token in a packed row, -1 for padding;
+                    None when no row holds more than one document
     lengths:        (b,) real length of each row
     instance_index: (total modality tokens,) flat index `row * n + offset` of every
                     modality token, instances in order, each instance's tokens contiguous
@@ -95,6 +101,7 @@ class Layout:
     token_ids: Tensor
     positions: Tensor
     token_instance: Tensor
+    document_ids: Tensor | None
     lengths: Tensor
     instance_index: Tensor
     instance_offsets: list[tuple[int, int, int]]
@@ -112,23 +119,32 @@ class Layout:
         return len(self.instance_offsets) > 0
 
 
-def build_layout(rows: list[list[Tensor | int]], instance_lengths: list[int], device=None) -> Layout:
-    """Rows of segments (id tensors or instance indices) → a padded `Layout`.
+def build_layout(rows: list[list[Tensor | int | str]], instance_lengths: list[int], device=None) -> Layout:
+    """Rows of segments (id tensors, instance indices, `DOCUMENT_BREAK`) → a padded `Layout`.
 
     Positions: text advances by one per token; all tokens of a modality instance take
     the position of the instance, and the text after it continues one further. Inside
     an instance attention is bidirectional, so a shared position means rotary adds no
     false order between its tokens (its spatial order comes from the axial positional
     embedding, `add_pos_emb`), while every instance stays one step away from its
-    neighbouring text — the same choice as 0.12.
+    neighbouring text — the same choice as 0.12. After a `DOCUMENT_BREAK` (packing)
+    positions restart at 0, as if the next sample had a row of its own.
     """
-    ids_rows, pos_rows, inst_rows = [], [], []
+    ids_rows, pos_rows, inst_rows, doc_rows = [], [], [], []
     instance_offsets: list[tuple[int, int, int] | None] = [None] * len(instance_lengths)
+    packed = False
 
     for row_index, segments in enumerate(rows):
-        ids, pos, inst = [], [], []
-        offset = position = 0
+        ids, pos, inst, docs = [], [], [], []
+        offset = position = document = 0
         for segment in segments:
+            if isinstance(segment, str):
+                if segment != DOCUMENT_BREAK:
+                    raise ValueError(f"unknown layout segment {segment!r}")
+                document += 1
+                position = 0
+                packed = True
+                continue
             if isinstance(segment, int):
                 length = instance_lengths[segment]
                 instance_offsets[segment] = (row_index, offset, length)
@@ -142,10 +158,13 @@ def build_layout(rows: list[list[Tensor | int]], instance_lengths: list[int], de
                 pos.append(torch.arange(position, position + length))
                 inst.append(torch.full((length,), -1, dtype=torch.long))
                 position += length
+            docs.append(torch.full((length,), document, dtype=torch.long))
             offset += length
-        ids_rows.append(torch.cat(ids) if ids else torch.empty(0, dtype=torch.long))
-        pos_rows.append(torch.cat(pos) if pos else torch.empty(0, dtype=torch.long))
-        inst_rows.append(torch.cat(inst) if inst else torch.empty(0, dtype=torch.long))
+        empty = torch.empty(0, dtype=torch.long)
+        ids_rows.append(torch.cat(ids) if ids else empty)
+        pos_rows.append(torch.cat(pos) if pos else empty)
+        inst_rows.append(torch.cat(inst) if inst else empty)
+        doc_rows.append(torch.cat(docs) if docs else empty)
 
     lengths = torch.tensor([len(r) for r in ids_rows], dtype=torch.long)
     seq_len = int(lengths.max()) if len(rows) > 0 else 0
@@ -157,6 +176,7 @@ def build_layout(rows: list[list[Tensor | int]], instance_lengths: list[int], de
         return out
 
     token_ids, positions, token_instance = pad(ids_rows, -1), pad(pos_rows, 0), pad(inst_rows, -1)
+    document_ids = pad(doc_rows, -1).to(device) if packed else None
 
     if any(o is None for o in instance_offsets):
         raise ValueError("every modality instance must appear in exactly one row")
@@ -168,6 +188,7 @@ def build_layout(rows: list[list[Tensor | int]], instance_lengths: list[int], de
         token_ids=token_ids.to(device),
         positions=positions.to(device),
         token_instance=token_instance.to(device),
+        document_ids=document_ids,
         lengths=lengths.to(device),
         instance_index=instance_index.to(device),
         instance_offsets=instance_offsets,  # type: ignore[arg-type]
@@ -183,4 +204,7 @@ def text_labels(layout: Layout, ignore_index: int) -> Int["b n"]:
     next_ids = torch.cat((layout.token_ids[:, 1:], torch.full_like(layout.token_ids[:, :1], -1)), dim=1)
     is_text = layout.token_instance == -1
     keep = (next_ids >= 0) & is_text
+    if layout.document_ids is not None:  # no label across a document boundary of a packed row
+        next_docs = torch.cat((layout.document_ids[:, 1:], torch.full_like(layout.document_ids[:, :1], -1)), dim=1)
+        keep &= next_docs == layout.document_ids
     return torch.where(keep, next_ids, torch.full_like(next_ids, ignore_index))

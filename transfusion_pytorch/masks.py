@@ -132,8 +132,9 @@ def dense_mask(
     return mask_fn(b, h, q_idx, kv_idx).expand(batch, 1, q_len, kv_len)
 
 
-def block_mask(mask_fn: MaskFn, batch: int, q_len: int, kv_len: int, device: torch.device | str):
-    """The flex-attention `BlockMask` of the same rule (skips fully masked blocks)."""
+def block_mask(mask_fn: MaskFn, batch: int, q_len: int, kv_len: int, device: torch.device | str, block_size: int = 128):
+    """The flex-attention `BlockMask` of the same rule: fully masked blocks (across documents of a
+    packed row, after a modality) are skipped, not computed."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(mask_fn, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device)
+    return create_block_mask(mask_fn, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device, BLOCK_SIZE=block_size)

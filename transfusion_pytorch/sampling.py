@@ -110,39 +110,56 @@ def generate_modality(
     model: Transfusion,
     batch_size: int = 1,
     modality_type: int | None = None,
-    fixed_modality_shape: tuple[int, ...] | None = None,
+    fixed_modality_shape: tuple[int, ...] | list[tuple[int, ...]] | None = None,
     modality_steps: int = 16,
     return_unprocessed_modalities: bool = False,
     cfg_scale: float = 1.0,
-) -> Tensor:
+) -> Tensor | list[Tensor]:
+    """A batch of one modality from noise. `fixed_modality_shape` may be one shape, or a list
+    with one shape per item (multi-resolution): then a list of tensors comes back."""
     modality_type = model.check_modality_type(modality_type)
     cfg_scale = model.check_cfg_scale(cfg_scale)
-    if not isinstance(batch_size, int) or batch_size <= 0:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
     spec = model.spec(modality_type)
-    shape = check_shape(model, modality_type, fixed_modality_shape if exists(fixed_modality_shape) else spec.default_shape, "fixed_modality_shape")
 
+    per_item = isinstance(fixed_modality_shape, list)
+    if per_item and len(fixed_modality_shape) != batch_size:
+        raise ValueError(f"`fixed_modality_shape` lists {len(fixed_modality_shape)} shapes for `batch_size`={batch_size}")
+    shapes = fixed_modality_shape if per_item else [fixed_modality_shape if exists(fixed_modality_shape) else spec.default_shape] * batch_size
+    shapes = [check_shape(model, modality_type, shape, "fixed_modality_shape") for shape in shapes]
+
+    # the ODE state is every item's latent, flattened and concatenated (items may differ in shape)
     guided = cfg_scale != 1.0
     copies = 2 if guided else 1  # conditional rows, then unconditional rows (null token + modality), one batch
     rows = [[i] for i in range(batch_size * copies)]
     types = [modality_type] * batch_size * copies
     unconditional = [False] * batch_size + [True] * batch_size if guided else None
+    full_attention = not guided and len(set(shapes)) == 1  # one instance per row, no padding: no mask
+    sizes = [_prod(shape) * spec.dim_latent for shape in shapes]
     layout = None
 
-    def velocity(t: Tensor, x: Tensor) -> Tensor:
-        nonlocal layout
-        latents = list(x.unbind(0)) * copies
-        times = t.reshape(1).expand(batch_size * copies)
-        _, layout, v = model.predict(rows, types, latents, times, layout=layout, full_attention=not guided, unconditional=unconditional)
-        v = torch.stack(v).float()  # the ODE state stays fp32 under autocast
-        return cfg_blend(v[:batch_size], v[batch_size:], cfg_scale) if guided else v
+    def unflatten(flat: Tensor) -> list[Tensor]:
+        return [piece.view(*shape, spec.dim_latent) for piece, shape in zip(flat.split(sizes), shapes)]
 
-    noise = torch.randn((batch_size, *shape, spec.dim_latent), device=model.device)
-    latents = list(integrate(velocity, noise, modality_steps, model.odeint_kwargs).unbind(0))
+    def velocity(t: Tensor, flat: Tensor) -> Tensor:
+        nonlocal layout
+        times = t.reshape(1).expand(batch_size * copies)
+        _, layout, v = model.predict(rows, types, unflatten(flat) * copies, times, layout=layout, full_attention=full_attention, unconditional=unconditional)
+        v = torch.cat([x.reshape(-1) for x in v]).float()  # the ODE state stays fp32 under autocast
+        if guided:
+            half = v.shape[0] // 2
+            v = cfg_blend(v[:half], v[half:], cfg_scale)
+        return v
+
+    noise = torch.cat([torch.randn((*shape, spec.dim_latent), device=model.device).reshape(-1) for shape in shapes])
+    latents = unflatten(integrate(velocity, noise, modality_steps, model.odeint_kwargs))
 
     if return_unprocessed_modalities:
-        return torch.stack([to_channel_first(x, spec.channel_first) for x in latents])
-    return torch.stack(model.decode(latents, modality_type))
+        out = [to_channel_first(x, spec.channel_first) for x in latents]
+    else:
+        out = model.decode(latents, modality_type)
+    return out if per_item else torch.stack(out)
 
 
 def check_shape(model: Transfusion, modality_type: int, shape, name: str) -> tuple[int, ...]:

@@ -20,8 +20,9 @@ from torch.nn import Module, ModuleList
 from ._typing import Int, typecheck
 from ._utils import default, eval_mode, exists, per_modality
 from .attention import AttentionMask, KVCache
+from .data import pack_samples
 from .flow import default_times_fn, noise_path, predicted_data, velocity_target
-from .layout import Layout, SpecialIds, build_layout, default_to_modality_shape_fn, text_labels
+from .layout import DOCUMENT_BREAK, Layout, SpecialIds, build_layout, default_to_modality_shape_fn, text_labels
 from .masks import block_mask, dense_mask, transfusion_mask
 from .modality import ModalityHeads, ModalitySpec, map_grouped, to_channel_first, to_channel_last
 from .transformer import Transformer
@@ -412,22 +413,34 @@ class Transfusion(Module):
     def attention_mask(self, layout: Layout, full_attention: bool = False, unconditional: list[bool] | None = None) -> AttentionMask:
         if full_attention:
             return AttentionMask()
-        if not layout.has_modalities:
+        if not layout.has_modalities and layout.document_ids is None:
             return AttentionMask(is_causal=True)
         if unconditional is not None and any(unconditional):
             is_null = torch.zeros(layout.batch * layout.seq_len, dtype=torch.bool, device=self.device)
             starts = [row * layout.seq_len + offset for (row, offset, _), u in zip(layout.instance_offsets, unconditional) if u]
             is_null[starts] = True
             flags = torch.tensor(unconditional, dtype=torch.bool, device=self.device)
-            mask_fn = transfusion_mask(layout.token_instance, unconditional=flags, is_null=is_null.reshape(layout.batch, layout.seq_len))
-        else:
-            mask_fn = transfusion_mask(layout.token_instance)
+            mask_fn = transfusion_mask(layout.token_instance, layout.document_ids, unconditional=flags, is_null=is_null.reshape(layout.batch, layout.seq_len))
+        elif layout.document_ids is not None or layout.has_modalities:
+            mask_fn = transfusion_mask(layout.token_instance, layout.document_ids)
         backend = self.attention_backend
         if backend not in ("auto", "flex", "sdpa"):
             raise ValueError(f"`attention_backend` must be 'auto', 'flex' or 'sdpa', got {backend!r}")
         if backend == "flex" or (backend == "auto" and self.transformer.use_flex_attn and self.device.type == "cuda"):
             return AttentionMask(block=block_mask(mask_fn, layout.batch, layout.seq_len, layout.seq_len, self.device))
         return AttentionMask(dense=dense_mask(mask_fn, layout.batch, layout.seq_len, layout.seq_len, self.device))
+
+    @staticmethod
+    def pack_rows(rows: list[list], instance_lengths: list[int], pack_length: int) -> list[list]:
+        """Sequence packing: several samples per row, separated by `DOCUMENT_BREAK`."""
+        sample_lengths = [sum(instance_lengths[s] if isinstance(s, int) else s.shape[0] for s in row) for row in rows]
+        packed = []
+        for group in pack_samples(sample_lengths, pack_length or max(sample_lengths)):
+            row: list = []
+            for sample in group:
+                row += ([DOCUMENT_BREAK] if row else []) + rows[sample]
+            packed.append(row)
+        return packed
 
     def instance_tokens(self, types: list[int], latents: list[Tensor], unconditional: list[bool] | None = None) -> tuple[list[Tensor], list[tuple[int, ...]]]:
         """Model tokens `(L, d)` of every instance (an unconditional one led by the null token) and their spatial shapes."""
@@ -452,6 +465,7 @@ class Transfusion(Module):
         full_attention: bool = False,
         cache: KVCache | None = None,
         unconditional: list[bool] | None = None,
+        pack_length: int | None = None,
     ) -> tuple[Tensor, Layout, list[Tensor]]:
         """Run the network on rows of segments with noised latents at `times` (one per instance).
 
@@ -461,7 +475,10 @@ class Transfusion(Module):
         """
         tokens, token_shapes = self.instance_tokens(types, latents, unconditional)
         if layout is None:
-            layout = build_layout(rows, [t.shape[0] for t in tokens], device=self.device)
+            lengths = [t.shape[0] for t in tokens]
+            if pack_length is not None:
+                rows = self.pack_rows(rows, lengths, pack_length)
+            layout = build_layout(rows, lengths, device=self.device)
 
         x = self.text_embed(layout.token_ids.clamp(min=0))
         if layout.has_modalities:
@@ -504,15 +521,21 @@ class Transfusion(Module):
         velocity_consistency_delta_time: float = 1e-3,
         return_loss: bool = True,
         return_breakdown: bool = False,
+        pack: bool | int = False,
     ):
         """
         modalities: an interleaved batch (list of samples), text `LongTensor (b, n)`, or one
             modality `FloatTensor (b, *shape, d)` (or a list of such tensors of different
             shapes) with `modality_type=`.
         times: `(b, m)` flow time of each sample's modalities in order (modality-only: `(b,)`)
+        pack: sequence packing of an interleaved batch for the loss: several samples share a
+            row (no attention across them, positions restart); `True` packs into rows as long
+            as the longest sample, an int sets the row length. The loss equals the unpacked one.
         Returns the scalar loss, `(loss, LossBreakdown)` with `return_breakdown=True`, or the
         text logits `(b, n, l)` with `return_loss=False`.
         """
+        if not isinstance(pack, (bool, int)) or (not isinstance(pack, bool) and pack <= 0):
+            raise ValueError(f"`pack` must be True / False or a positive row length, got {pack!r}")
         ema_model = velocity_consistency_ema_model
         if isinstance(ema_model, EMA):
             ema_model = ema_model.ema_model
@@ -549,6 +572,7 @@ class Transfusion(Module):
             delta_time=velocity_consistency_delta_time,
             return_loss=return_loss,
             return_breakdown=return_breakdown,
+            pack=pack,
         )
 
     @typecheck
@@ -603,8 +627,12 @@ class Transfusion(Module):
         delta_time: float = 1e-3,
         return_loss: bool = True,
         return_breakdown: bool = False,
+        pack: bool | int = False,
     ):
         prepared = self.prepare(batch)
+        if pack is not False and not return_loss:
+            raise ValueError("`pack` applies to the loss only (logits of a packed batch have no per-sample layout)")
+        pack_length = None if pack is False else (0 if pack is True else int(pack))
         rows = self.wrap_rows(prepared, add_sos_eos=return_loss)
 
         if not return_loss:
@@ -621,7 +649,7 @@ class Transfusion(Module):
         targets = [velocity_target(x1, x0) for x1, x0 in zip(prepared.latents, noises)]
 
         unconditional = self.draw_unconditional(len(prepared.types))
-        embed, layout, velocities = self.predict(rows, prepared.types, noised, t, unconditional=unconditional)
+        embed, layout, velocities = self.predict(rows, prepared.types, noised, t, unconditional=unconditional, pack_length=pack_length)
 
         # text: next-token cross entropy where this and the next token are text
 
@@ -837,12 +865,13 @@ class Transfusion(Module):
         self,
         batch_size: int = 1,
         modality_type: int | None = None,
-        fixed_modality_shape: tuple[int, ...] | None = None,
+        fixed_modality_shape: tuple[int, ...] | list[tuple[int, ...]] | None = None,
         modality_steps: int = 16,
         return_unprocessed_modalities: bool = False,
         cfg_scale: float = 1.0,
-    ) -> Tensor:
-        """A batch of one modality from noise, `(batch_size, *shape, d)` (decoded if the modality has a decoder)."""
+    ) -> Tensor | list[Tensor]:
+        """A batch of one modality from noise, `(batch_size, *shape, d)` (decoded if the modality has a
+        decoder); with a list of shapes, one per item, a list of tensors of those shapes."""
         from .sampling import generate_modality
 
         return generate_modality(
