@@ -15,6 +15,7 @@ import argparse
 import torch
 
 from transfusion_pytorch import Transfusion, print_modality_sample
+from transfusion_pytorch.training import RunLogger, breakdown_metrics, make_precision
 
 
 def make_batch(batch_size: int, generator: torch.Generator) -> list:
@@ -42,12 +43,14 @@ def main(args):
         transformer=dict(dim=64, depth=2, dim_head=16, heads=4),
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    precision = make_precision(args.use_amp, args.amp_dtype)
+    logger = RunLogger(args.out, use_wandb=args.wandb, project="transfusion-toy", config=vars(args))
 
     for step in range(1, args.steps + 1):
-        loss, breakdown = model(make_batch(args.batch_size, generator), return_breakdown=True)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            loss, breakdown = model(make_batch(args.batch_size, generator), return_breakdown=True)
+        grad_norm = precision.step(loss, optimizer, model.parameters())
+        logger.log({**breakdown_metrics(breakdown), "grad_norm": float(grad_norm)}, step)
         if step == 1 or step % args.log_every == 0:
             print(f"step {step:4d}  loss {loss.item():.4f}  text {breakdown.text.item():.4f}  flow {breakdown.flow[0].item():.4f}")
 
@@ -61,6 +64,7 @@ def main(args):
         print(f"prompt '{word}': generated latent mean {mean:+.3f}")
         print_modality_sample(sample)
     print(f"\n{correct}/2 prompts produced a latent of the right sign")
+    logger.finish()
 
 
 if __name__ == "__main__":
@@ -71,4 +75,8 @@ if __name__ == "__main__":
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--use-amp", action="store_true", help="bf16 autocast (fp16 with --amp-dtype fp16 on CUDA)")
+    parser.add_argument("--amp-dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE)")
+    parser.add_argument("--out", default="runs/toy", help="folder for metrics.jsonl")
     main(parser.parse_args())

@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--gen-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write the results as a JSON dict")
+    parser.add_argument("--amp-compare", action="store_true", help="(this repo only) also time the training step under bf16 autocast, alternating with fp32")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -111,6 +112,24 @@ def main() -> None:
 
     results: dict = {}
     measure("train_step_s", results, train_step, warmup=3, repeats=args.steps)
+
+    if args.amp_compare:  # bf16 vs fp32 training step, alternating in one run
+        from transfusion_pytorch.training import make_precision
+
+        bf16 = make_precision(use_amp=True, amp_dtype="bf16")
+
+        def bf16_step():
+            with bf16.autocast():
+                loss = model(batch)
+            bf16.step(loss, optim, model.parameters())
+
+        fp32_times, bf16_times = [], []
+        for _ in range(args.steps // 2):
+            fp32_times.append(median_time(train_step, 0, 1))
+            bf16_times.append(median_time(bf16_step, 1, 1))
+        results["train_step_fp32_s"] = statistics.median(fp32_times)
+        results["train_step_bf16_s"] = statistics.median(bf16_times)
+        results["bf16_speedup"] = results["train_step_fp32_s"] / results["train_step_bf16_s"]
     measure("text128_s", results, lambda: model.generate_text_only(prompt, 16 + 128, temperature=1.0), warmup=1, repeats=args.gen_repeats)
     measure("modality8_s", results, lambda: model.generate_modality_only(batch_size=8, modality_steps=16), warmup=1, repeats=3)
 
@@ -122,7 +141,9 @@ def main() -> None:
     print(
         f"transfusion_pytorch {results['package_version']} ({os.path.dirname(transfusion_pytorch.__file__)}), torch {torch.__version__}, {args.threads} threads"
     )
-    for key in ("train_step_s", "text128_s", "modality8_s", "peak_rss_mib"):
+    for key in ("train_step_s", "train_step_fp32_s", "train_step_bf16_s", "bf16_speedup", "text128_s", "modality8_s", "peak_rss_mib"):
+        if key not in results:
+            continue
         value = results[key]
         print(f"  {key:<14} {value:10.4f}" if isinstance(value, float) else f"  {key:<14} {value}")
 

@@ -227,3 +227,14 @@ def test_nothing_imports_wandb_without_the_flag(tmp_path):
     code = f"import sys; from transfusion_pytorch.training import RunLogger; RunLogger({str(tmp_path)!r}).log({{'a': 1}}, 0); print('wandb' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_toy_script_runs_with_amp_and_logs(tmp_path):
+    import argparse
+
+    import train_toy
+
+    args = argparse.Namespace(steps=3, batch_size=4, lr=3e-3, log_every=1, threads=1, seed=0, use_amp=True, amp_dtype="bf16", wandb=False, out=str(tmp_path))
+    train_toy.main(args)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and "grad_norm" in json.loads(lines[-1])
