@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: set up, then train the toy example and write samples.
+# The main job: set up, then train the MNIST example (text <-> image) and write samples + eval.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python train_toy.py "$@"
+.venv/bin/python train_mnist.py "$@"
