@@ -186,7 +186,7 @@ class Attention(Module):
         x: Float["b n d"],
         rotary: tuple[Tensor, Tensor],
         mask: AttentionMask,
-        cache: KVCache | None = None,
+        cache: KVCache | KVCacheRows | None = None,
         layer_index: int = 0,
     ) -> Float["b n d"]:
         q, k, v = rearrange(self.to_qkv(x), "b n (qkv h dh) -> qkv b h n dh", qkv=3, h=self.heads)

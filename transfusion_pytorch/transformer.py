@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._typing import Float, Int, typecheck
 from ._utils import exists
-from .attention import Attention, AttentionMask, KVCache, RotaryEmbedding
+from .attention import Attention, AttentionMask, KVCache, KVCacheRows, RotaryEmbedding
 
 
 class TimeEmbedding(Module):
@@ -122,7 +122,7 @@ class Block(Module):
         self.ff = ff
         self.skip_proj = skip_proj
 
-    def forward(self, x, instance_cond, modulation: Modulation, rotary, mask: AttentionMask, cache: KVCache | None, layer_index: int):
+    def forward(self, x, instance_cond, modulation: Modulation, rotary, mask: AttentionMask, cache: KVCache | KVCacheRows | None, layer_index: int):
         for norm, fn in ((self.attn_norm, "attn"), (self.ff_norm, "ff")):
             scale, shift, gate = (modulation.gather(table) for table in norm.tables(instance_cond))
             h = norm.norm(x) * scale + shift
@@ -212,7 +212,7 @@ class Transformer(Module):
         mask: AttentionMask,
         token_instance: Int["b n"] | None = None,
         instance_times: Float["m"] | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | KVCacheRows | None = None,
     ) -> Float["b n d"]:
         """
         tokens: (b, n, d) embedded text and modality tokens
