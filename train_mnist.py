@@ -25,7 +25,10 @@ Evaluation (`<out>/eval.json`), for the online and the EMA weights:
   - generation: for each digit, `--eval-per-digit` images from the prompt
     `caption [meta] "7,7" [som]` — the prompt opens the image itself, so sampling starts
     integrating the flow at once and the accuracy measures the image, not whether the
-    model also remembers to write the shape; the classifier's accuracy on them per digit;
+    model also remembers to write the shape; the classifier's accuracy on them per digit.
+    Images are sampled with classifier-free guidance (`--cfg-scale 3`; training drops the
+    conditioning of 10 % of the images, `--unconditional-prob 0.1`): the same recipe
+    without guidance draws ~90 % recognisable digits, with it ~100 %;
   - captioning: each held-out image as the prompt, greedy decoding up to [eos], exact
     match of the written word.
 The grid of generated digits (rows 0-9) is `<out>/samples.png`.
@@ -352,8 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-eval", type=int, default=500, help="held-out digits (the same number per class)")
     parser.add_argument("--eval-per-digit", type=int, default=20, help="images generated per digit for the generation accuracy")
     parser.add_argument("--eval-captions", type=int, default=500, help="held-out images to caption")
-    parser.add_argument("--unconditional-prob", type=float, default=0.0, help="conditioning dropout per image, for classifier-free guidance (e.g. 0.1)")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale when generating (1: none; needs --unconditional-prob > 0)")
+    # guidance: seed 0, 20 images per digit, EMA weights: 90.5 % recognisable without it
+    # (--unconditional-prob 0 --cfg-scale 1), 98.5 % at scale 2, 100 % at 3 and 5
+    parser.add_argument("--unconditional-prob", type=float, default=0.1, help="conditioning dropout per image, for classifier-free guidance (0: none)")
+    parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale when generating (1: none; needs --unconditional-prob > 0)")
     parser.add_argument("--modality-steps", type=int, default=16, help="ODE time points per generated image (midpoint solver)")
     parser.add_argument("--classifier-epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
