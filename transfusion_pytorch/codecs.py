@@ -7,6 +7,12 @@ from torch import Tensor
 from torch.nn import Module
 
 
+def _check_patch_size(patch_size) -> int:
+    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
+        raise ValueError(f"`patch_size` must be a positive int, got {patch_size!r}")
+    return patch_size
+
+
 class Patchify(Module):
     """Image `(b, c, h, w)` → channel-first latent `(b, c·p·p, h/p, w/p)`: each p×p patch one token.
 
@@ -16,9 +22,7 @@ class Patchify(Module):
 
     def __init__(self, patch_size: int):
         super().__init__()
-        if not isinstance(patch_size, int) or patch_size <= 0:
-            raise ValueError(f"`patch_size` must be a positive int, got {patch_size!r}")
-        self.patch_size = patch_size
+        self.patch_size = _check_patch_size(patch_size)
 
     def get_config(self) -> dict:
         return {"patch_size": self.patch_size}
@@ -35,11 +39,13 @@ class Unpatchify(Module):
 
     def __init__(self, patch_size: int):
         super().__init__()
-        self.patch_size = patch_size
+        self.patch_size = _check_patch_size(patch_size)
 
     def get_config(self) -> dict:
         return {"patch_size": self.patch_size}
 
     def forward(self, latents: Tensor) -> Tensor:
         p = self.patch_size
+        if latents.shape[1] % (p * p):
+            raise ValueError(f"latent channels {latents.shape[1]} must be a multiple of `patch_size`² = {p * p}")
         return rearrange(latents, "b (c p1 p2) h w -> b c (h p1) (w p2)", p1=p, p2=p)

@@ -222,13 +222,11 @@ class _Stream:
             embed, _, _ = model.predict([self.segments], self.types, self.latents, times)
             return model.to_text_logits(embed[0, -1])
 
-        if cache.length == 0 or any(isinstance(s, int) for s in self.pending):  # prefill (a prompt)
+        if cache.length == 0:  # prefill: the prompt, the only place a modality can be pending
             indices = sorted({s for s in self.pending if isinstance(s, int)})
             remap = {old: new for new, old in enumerate(indices)}
             rows = [[remap[s] if isinstance(s, int) else s for s in self.pending]]
             times = torch.ones(len(indices), device=model.device)
-            if cache.length != 0:
-                raise RuntimeError("a modality can only be pending in the prompt")
             embed, layout, _ = model.predict(rows, [self.types[i] for i in indices], [self.latents[i] for i in indices], times, cache=cache)
             cache.commit(layout.seq_len)
             self.next_position = int(layout.positions[0, -1]) + 1
