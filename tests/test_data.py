@@ -1,4 +1,4 @@
-"""Data helpers: the bucketed batch sampler (coverage, determinism, sharding, budgets, keys) and collate."""
+"""Data helpers: the bucketed and packing batch samplers (coverage, determinism, sharding, budgets, keys), packing and collate."""
 
 import random
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transfusion_pytorch import BucketBatchSampler, collate_fn, padding_fraction
+from transfusion_pytorch import BucketBatchSampler, PackedBatchSampler, collate_fn, padding_fraction
+from transfusion_pytorch.data import pack_samples
 
 
 def skewed_lengths(n: int, seed: int = 0) -> list[int]:
@@ -207,3 +208,97 @@ def test_accepts_tensor_lengths_and_keys():
     lengths = torch.tensor([5, 9, 5, 9])
     batches = list(BucketBatchSampler(lengths, batch_size=2, keys=torch.tensor([0, 1, 0, 1]), shuffle=False))
     assert sorted(map(sorted, batches)) == [[0, 2], [1, 3]]
+
+
+# PackedBatchSampler: batches whose samples fill a few rows of `pack_length` tokens
+
+PACKED_SETTINGS = [dict(pack_length=600, rows=1), dict(pack_length=1200, rows=3), dict(pack_length=700, rows=2, shuffle=False)]
+
+
+def packed_slots(batches, lengths, pack_length):
+    """Token slots the model's packer uses: rows of each batch, padded to the longest row."""
+    slots = 0
+    for batch in batches:
+        sub = [lengths[i] for i in batch]
+        rows = pack_samples(sub, pack_length)
+        slots += len(rows) * max(sum(sub[i] for i in row) for row in rows)
+    return slots
+
+
+@pytest.mark.parametrize("kwargs", PACKED_SETTINGS)
+def test_packed_each_sample_once_and_batches_pack_into_their_rows(kwargs):
+    lengths = skewed_lengths(401) + [900, 1300]  # two samples over some pack lengths
+    sampler = PackedBatchSampler(lengths, **kwargs)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert sorted(flat(batches)) == list(range(len(lengths)))
+        assert len(sampler) == len(batches)
+        for batch in batches:  # the model's packer needs no more rows than planned, none over the length
+            rows = pack_samples([lengths[i] for i in batch], kwargs["pack_length"])
+            assert len(rows) <= kwargs["rows"]
+            assert all(sum(lengths[batch[i]] for i in row) <= kwargs["pack_length"] or len(row) == 1 for row in rows)
+
+
+def test_packing_over_a_stream_beats_packing_within_random_batches():
+    lengths = skewed_lengths(3000)
+    order = list(range(3000))
+    random.Random(0).shuffle(order)
+    random_batches = [order[i : i + 8] for i in range(0, 3000, 8)]
+    within = 1 - sum(lengths) / packed_slots(random_batches, lengths, 600)
+    stream = 1 - sum(lengths) / packed_slots(list(PackedBatchSampler(lengths, pack_length=600, rows=4)), lengths, 600)
+    assert stream < 0.05 and stream < within / 4, (stream, within)
+
+
+def test_packed_deterministic_per_seed_and_epoch():
+    lengths = skewed_lengths(300)
+    first, second = PackedBatchSampler(lengths, pack_length=900, rows=2, seed=3), PackedBatchSampler(lengths, pack_length=900, rows=2, seed=3)
+    epoch_0 = list(first)
+    assert epoch_0 == list(second)
+    first.set_epoch(1)
+    assert {frozenset(batch) for batch in first} != {frozenset(batch) for batch in epoch_0}
+    first.set_epoch(0)
+    assert list(first) == epoch_0
+    assert list(PackedBatchSampler(lengths, pack_length=900, rows=2, seed=4)) != epoch_0
+    fixed = PackedBatchSampler(lengths, pack_length=900, rows=2, shuffle=False)
+    before = list(fixed)
+    fixed.set_epoch(3)
+    assert list(fixed) == before
+
+
+@pytest.mark.parametrize("num_replicas", [2, 3])
+def test_packed_rank_sharding(num_replicas):
+    lengths = skewed_lengths(157)
+    for drop_last in (False, True):
+        per_rank = [
+            list(PackedBatchSampler(lengths, pack_length=800, rows=2, num_replicas=num_replicas, rank=r, drop_last=drop_last)) for r in range(num_replicas)
+        ]
+        assert len({len(batches) for batches in per_rank}) == 1
+        indices = flat([batch for batches in per_rank for batch in batches])
+        if drop_last:
+            assert len(indices) == len(set(indices))
+        else:
+            assert set(indices) == set(range(len(lengths)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        (dict(lengths=[3, -1], pack_length=8), ValueError, "lengths"),
+        (dict(lengths=[3, 4], pack_length=0), ValueError, "pack_length"),
+        (dict(lengths=[3, 4], pack_length=8.0), TypeError, "pack_length"),
+        (dict(lengths=[3, 4], pack_length=8, rows=0), ValueError, "rows"),
+        (dict(lengths=[3, 4], pack_length=8, seed=-1), ValueError, "seed"),
+        (dict(lengths=[3, 4], pack_length=8, num_replicas=2, rank=2), ValueError, "rank"),
+    ],
+)
+def test_packed_bad_arguments(kwargs, error, name):
+    with pytest.raises(error, match=f"`{name}`"):
+        PackedBatchSampler(**kwargs)
+
+
+def test_pack_samples_keeps_a_planned_order_when_it_is_tighter():
+    lengths = [5, 3, 2, 4, 4, 2]  # first-fit decreasing needs 3 rows of 10; the order given packs into 2
+    assert pack_samples(lengths, 10) == [[0, 1, 2], [3, 4, 5]]
+    assert len(pack_samples(lengths, 10, keep_order=False)) == 3
+    assert pack_samples([2, 9, 2, 9], 10) == [[1], [3], [0, 2]]  # next-fit in order needs 4 rows: first-fit decreasing is kept

@@ -5,8 +5,9 @@ import warnings
 import torch
 from torch import nn, randint, randn
 
+import transfusion_pytorch.transfusion as transfusion_module
 from conftest import tiny_transformer
-from transfusion_pytorch import Transfusion
+from transfusion_pytorch import PackedBatchSampler, Transfusion
 from transfusion_pytorch.data import pack_samples
 from transfusion_pytorch.layout import DOCUMENT_BREAK, build_layout
 from transfusion_pytorch.masks import block_mask, transfusion_mask
@@ -42,6 +43,29 @@ def test_modality_only_list_of_shapes_matches_one_by_one():
     loss = model_2d()(items, modality_type=0)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_heads_project_every_shape_in_one_call_and_match_per_instance():
+    model = model_2d(dim_latent=6)
+    heads = model.modality_heads[0]
+    for p in heads.parameters():
+        nn.init.normal_(p, std=0.3)
+    calls = []
+    heads.latent_to_model.register_forward_hook(lambda *_: calls.append("in"))
+    heads.model_to_latent.register_forward_hook(lambda *_: calls.append("out"))
+    latents = [randn(2, 3, 6), randn(5, 1, 6), randn(2, 3, 6), randn(4, 4, 6)]
+
+    tokens, shapes = heads.to_model_tokens(latents)
+    assert calls == ["in"] and shapes == [(2, 3), (5, 1), (2, 3), (4, 4)]
+    for x, t in zip(latents, tokens):  # reference: one instance at a time, the embedding built for its own shape
+        expected = heads.latent_to_model(x).reshape(-1, 32) + heads.pos_emb(tuple(x.shape[:2]), flatten=True)
+        assert torch.allclose(t, expected, atol=1e-5)
+
+    calls.clear()
+    outputs = heads.to_latents(torch.cat(tokens), shapes)
+    assert calls == ["out"]
+    for t, shape, out in zip(tokens, shapes, outputs):
+        assert torch.allclose(out, heads.model_to_latent(t).reshape(*shape, 6), atol=1e-6)
 
 
 def test_generate_modality_only_one_shape_per_item():
@@ -128,3 +152,48 @@ def test_packing_with_ema_and_guidance():
     loss = model(mixed_batch(), pack=True, velocity_consistency_ema_model=ema)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def capture_layouts(monkeypatch) -> list:
+    layouts = []
+
+    def recording(*args, **kwargs):
+        layouts.append(build_layout(*args, **kwargs))
+        return layouts[-1]
+
+    monkeypatch.setattr(transfusion_module, "build_layout", recording)
+    return layouts
+
+
+def test_token_lengths_are_the_rows_the_model_builds(monkeypatch):
+    down = nn.Conv2d(8, 32, 2, stride=2)  # U-Net blocks change the token count: (4, 6) latent → 2 × 3 tokens
+    up = nn.ConvTranspose2d(32, 8, 2, stride=2)
+    for model, batch in (
+        (model_2d(), mixed_batch()),
+        (
+            model_2d(channel_first_latent=True, pre_post_transformer_enc_dec=(down, up)),
+            [[randint(0, 16, (3,)), randn(8, 4, 6)], [randn(8, 2, 2), randint(0, 16, (5,))]],
+        ),
+    ):
+        lengths = model.token_lengths(batch)
+        layouts = capture_layouts(monkeypatch)
+        model(batch)
+        assert layouts[0].lengths.tolist() == lengths
+    # [sos] text, [meta] "4,6" [som] (5 ids), 2 × 3 tokens, [eom], [eos]; then [sos], "2,2" wrapped, 1 token, [eom], text, [eos]
+    assert lengths == [1 + 3 + 5 + 6 + 1 + 1, 1 + 5 + 1 + 1 + 5 + 1]
+
+
+def test_packed_sampler_batches_become_the_planned_rows(monkeypatch):
+    torch.manual_seed(0)
+    model = model_2d(unconditional_prob=0.5)  # null tokens must not break the planned rows
+    samples = [[randint(0, 16, (int(n),)), randn(int(h), int(w), 8)] for n, h, w in zip(randint(1, 12, (40,)), randint(1, 5, (40,)), randint(1, 5, (40,)))]
+    lengths = model.token_lengths(samples)
+    pack_length = max(lengths) + 4
+    layouts = capture_layouts(monkeypatch)
+    for batch in PackedBatchSampler(lengths, pack_length=pack_length, rows=2, seed=0):
+        layouts.clear()
+        loss = model([samples[i] for i in batch], pack=pack_length)
+        assert torch.isfinite(loss)
+        (layout,) = layouts
+        assert layout.batch <= 2
+        assert layout.lengths.sum() >= sum(lengths[i] for i in batch)  # plus the null tokens drawn

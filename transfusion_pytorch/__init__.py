@@ -2,7 +2,7 @@
 continuous modalities by flow matching, in one interleaved sequence (arXiv 2408.11039)."""
 
 from transfusion_pytorch.attention import KVCache
-from transfusion_pytorch.data import BucketBatchSampler, collate_fn, create_dataloader, padding_fraction
+from transfusion_pytorch.data import BucketBatchSampler, PackedBatchSampler, collate_fn, create_dataloader, padding_fraction
 from transfusion_pytorch.layout import default_to_modality_shape_fn
 from transfusion_pytorch.sampling import min_p_filter, top_k_filter
 from transfusion_pytorch.transformer import Transformer
@@ -18,6 +18,7 @@ __all__ = [
     "collate_fn",
     "create_dataloader",
     "BucketBatchSampler",
+    "PackedBatchSampler",
     "padding_fraction",
     "default_to_modality_shape_fn",
     "min_p_filter",

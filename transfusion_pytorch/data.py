@@ -1,5 +1,6 @@
-"""Data helpers: collate interleaved samples (0.12's `collate_fn` / `create_dataloader`) and a
-length-bucketed batch sampler that keeps padding low when samples differ in length."""
+"""Data helpers: collate interleaved samples (0.12's `collate_fn` / `create_dataloader`), and
+two batch samplers that keep padding low when samples differ in length: a length-bucketed
+one for padded batches and a packing one for `model(batch, pack=...)`."""
 
 from __future__ import annotations
 
@@ -47,7 +48,73 @@ def _check_bool(name: str, value) -> None:
         raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}")
 
 
-class BucketBatchSampler(Sampler[list[int]]):
+def _check_lengths(lengths) -> list[int]:
+    lengths = lengths.tolist() if hasattr(lengths, "tolist") else lengths  # tensors, numpy arrays
+    if not isinstance(lengths, Sequence) or isinstance(lengths, str):
+        raise TypeError(f"`lengths` must be a sequence of ints, got {type(lengths).__name__}")
+    if len(lengths) == 0:
+        raise ValueError("`lengths` is empty: there is nothing to sample")
+    for length in lengths:
+        if not isinstance(length, Integral) or isinstance(length, bool):
+            raise TypeError(f"`lengths` must hold ints, got {type(length).__name__}: {length!r}")
+        if length < 0:
+            raise ValueError(f"`lengths` must be >= 0, got {length}")
+    return [int(length) for length in lengths]
+
+
+class _EpochBatchSampler(Sampler[list[int]]):
+    """What the batch samplers share: seeding per epoch and dealing the epoch's batches out
+    to DDP ranks. A subclass builds all batches of an epoch, for all ranks, in `_all_batches`."""
+
+    def _setup(self, lengths, shuffle: bool, seed: int, drop_last: bool, num_replicas: int | None, rank: int | None) -> None:
+        _check_bool("shuffle", shuffle)
+        _check_bool("drop_last", drop_last)
+        _check_int("seed", seed, 0)
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        _check_int("num_replicas", num_replicas, 1)
+        _check_int("rank", rank, 0)
+        if rank >= num_replicas:
+            raise ValueError(f"`rank` must be < `num_replicas` ({num_replicas}), got {rank}")
+        self.lengths = torch.tensor(lengths, dtype=torch.long)
+        self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the shuffles for `epoch`; call before each epoch (all ranks with the same value)."""
+        _check_int("epoch", epoch, 0)
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        raise NotImplementedError
+
+    def _rank_batches(self) -> list[list[int]]:
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        batches = self._all_batches()
+        remainder = len(batches) % self.num_replicas
+        if remainder and self.drop_last:
+            batches = batches[: len(batches) - remainder]
+        elif remainder:  # repeat the first batches (cycling if there are fewer than needed)
+            padding = self.num_replicas - remainder
+            batches = batches + [batches[i % len(batches)] for i in range(padding)]
+        rank_batches = batches[self.rank :: self.num_replicas]
+        self._cache = (self.epoch, rank_batches)
+        return rank_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._rank_batches()
+
+    def __len__(self) -> int:
+        return len(self._rank_batches())
+
+
+class BucketBatchSampler(_EpochBatchSampler):
     """Batches of samples with similar token length (and equal `keys`), so little of a batch is padding.
 
     Use as `DataLoader(dataset, batch_sampler=BucketBatchSampler(lengths, ...), collate_fn=collate_fn)`.
@@ -103,25 +170,12 @@ class BucketBatchSampler(Sampler[list[int]]):
         num_replicas: int | None = None,
         rank: int | None = None,
     ):
-        lengths = lengths.tolist() if hasattr(lengths, "tolist") else lengths  # tensors, numpy arrays
-        if not isinstance(lengths, Sequence) or isinstance(lengths, str):
-            raise TypeError(f"`lengths` must be a sequence of ints, got {type(lengths).__name__}")
-        if len(lengths) == 0:
-            raise ValueError("`lengths` is empty: there is nothing to sample")
-        for length in lengths:
-            if not isinstance(length, Integral) or isinstance(length, bool):
-                raise TypeError(f"`lengths` must hold ints, got {type(length).__name__}: {length!r}")
-            if length < 0:
-                raise ValueError(f"`lengths` must be >= 0, got {length}")
-
+        lengths = _check_lengths(lengths)
         if (batch_size is None) == (max_tokens is None):
             raise ValueError("give exactly one of `batch_size` and `max_tokens`")
         for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("bucket_width", bucket_width)):
             if value is not None:
                 _check_int(name, value, 1)
-        _check_bool("shuffle", shuffle)
-        _check_bool("drop_last", drop_last)
-        _check_int("seed", seed, 0)
 
         if keys is not None:
             keys = keys.tolist() if hasattr(keys, "tolist") else keys
@@ -135,22 +189,8 @@ class BucketBatchSampler(Sampler[list[int]]):
                 except TypeError:
                     raise TypeError(f"`keys` must be hashable (e.g. tuples, not lists), got {type(key).__name__}: {key!r}") from None
 
-        distributed = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if distributed else 1
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
-        _check_int("num_replicas", num_replicas, 1)
-        _check_int("rank", rank, 0)
-        if rank >= num_replicas:
-            raise ValueError(f"`rank` must be < `num_replicas` ({num_replicas}), got {rank}")
-
-        self.lengths = torch.tensor([int(length) for length in lengths], dtype=torch.long)
+        self._setup(lengths, shuffle, seed, drop_last, num_replicas, rank)
         self.batch_size, self.max_tokens, self.bucket_width = batch_size, max_tokens, bucket_width
-        self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
-        self.num_replicas, self.rank = num_replicas, rank
-        self.epoch = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
 
         # groups of sample indices that may share a batch, in order of first appearance
         groups: dict[Hashable, list[int]] = {}
@@ -159,11 +199,6 @@ class BucketBatchSampler(Sampler[list[int]]):
             group = (key, length // bucket_width) if bucket_width is not None else key
             groups.setdefault(group, []).append(index)
         self.groups = [torch.tensor(indices, dtype=torch.long) for indices in groups.values()]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reseed the shuffles for `epoch`; call before each epoch (all ranks with the same value)."""
-        _check_int("epoch", epoch, 0)
-        self.epoch = epoch
 
     def _cut(self, indices: Tensor) -> list[list[int]]:
         """Cut indices (already in the order to batch them) into batches under the cap."""
@@ -205,32 +240,80 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
 
-    def _rank_batches(self) -> list[list[int]]:
-        if self._cache is not None and self._cache[0] == self.epoch:
-            return self._cache[1]
-        batches = self._all_batches()
-        remainder = len(batches) % self.num_replicas
-        if remainder and self.drop_last:
-            batches = batches[: len(batches) - remainder]
-        elif remainder:  # repeat the first batches (cycling if there are fewer than needed)
-            padding = self.num_replicas - remainder
-            batches = batches + [batches[i % len(batches)] for i in range(padding)]
-        rank_batches = batches[self.rank :: self.num_replicas]
-        self._cache = (self.epoch, rank_batches)
-        return rank_batches
 
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._rank_batches()
+class PackedBatchSampler(_EpochBatchSampler):
+    """Batches for sequence packing: the samples of a batch fill `rows` rows of `pack_length`
+    tokens each with little left over. Train with `model(batch, pack=pack_length)`.
 
-    def __len__(self) -> int:
-        return len(self._rank_batches())
+    Use as `DataLoader(dataset, batch_sampler=PackedBatchSampler(lengths, pack_length=..., rows=...), collate_fn=collate_fn)`.
+
+    `lengths[i]` is what sample `i` costs in tokens (`Transfusion.token_lengths` counts it).
+    Packing within a random batch leaves gaps that nothing in the batch fits; packing over a
+    stream of many samples fills them (the "packing across a stream" of Krell et al. 2021,
+    arXiv 2107.02027). Each epoch (seeded by `seed + epoch`, so every rank builds the same
+    batches):
+      1. shuffle the samples (if `shuffle`) and cut them into windows of about
+         `window_batches` (50) batches' worth of tokens;
+      2. pack each window by first-fit decreasing into rows of at most `pack_length` tokens (a
+         sample longer than that gets a row of its own, and its batch is as long as it);
+      3. deal each window's rows, in the order they were opened, into batches of `rows` rows
+         and list each batch's samples row by row; the model's packer (`pack_samples`) then
+         finds these same rows, or another packing into no more rows;
+      4. shuffle the order of all batches (if `shuffle`).
+
+    `drop_last` and distributed sharding (`num_replicas`, `rank`, `set_epoch`) behave as in
+    `BucketBatchSampler`; `drop_last` drops no samples before packing.
+    """
+
+    window_batches = 50
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        *,
+        pack_length: int,
+        rows: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):
+        lengths = _check_lengths(lengths)
+        _check_int("pack_length", pack_length, 1)
+        _check_int("rows", rows, 1)
+        self._setup(lengths, shuffle, seed, drop_last, num_replicas, rank)
+        self.pack_length, self.rows = int(pack_length), int(rows)
+
+    def _all_batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator) if self.shuffle else torch.arange(len(self.lengths))
+        lengths = self.lengths[order]
+        window_ids = (lengths.cumsum(0) - lengths) // (self.window_batches * self.rows * self.pack_length)
+        _, sizes = window_ids.unique_consecutive(return_counts=True)
+
+        batches: list[list[int]] = []
+        for window in order.split(sizes.tolist()):
+            indices = window.tolist()
+            window_rows = pack_samples(self.lengths[window].tolist(), self.pack_length, keep_order=False)
+            for first in range(0, len(window_rows), self.rows):
+                batches.append([indices[i] for row in window_rows[first : first + self.rows] for i in row])
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return batches
 
 
-def pack_samples(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """First-fit decreasing: sample indices grouped into rows of at most `max_length` tokens.
+def pack_samples(lengths: Sequence[int], max_length: int, keep_order: bool = True) -> list[list[int]]:
+    """Sample indices grouped into rows of at most `max_length` tokens, in few rows.
 
-    A sample longer than `max_length` gets a row of its own. Rows list their samples in
-    input order, so packing is deterministic.
+    Two packings are tried and the one with fewer rows is kept (first-fit decreasing on a tie):
+      - first-fit decreasing: longest first, each into the first row with room;
+      - next-fit in the given order: fill a row until the next sample does not fit. This
+        recovers rows that a sampler has already planned and listed one after the other
+        (`PackedBatchSampler`), and no packing into consecutive runs of the order needs fewer.
+    A sample longer than `max_length` gets a row of its own. With `keep_order=True` (the
+    default), each row lists its samples in input order; otherwise first-fit decreasing rows
+    list them in the order they were placed (longest first), rows in the order they opened.
     """
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
         raise ValueError(f"`max_length` must be a positive int, got {max_length!r}")
@@ -245,4 +328,18 @@ def pack_samples(lengths: Sequence[int], max_length: int) -> list[list[int]]:
         else:
             rows.append([index])
             room.append(max_length - lengths[index])
+    if not keep_order:
+        return rows
+
+    in_order: list[list[int]] = []
+    free = 0
+    for index, length in enumerate(lengths):
+        if in_order and length <= free:
+            in_order[-1].append(index)
+            free -= length
+        else:
+            in_order.append([index])
+            free = max_length - length
+    if len(in_order) < len(rows):
+        return in_order
     return [sorted(row) for row in rows]

@@ -91,35 +91,58 @@ class ModalityHeads(Module):
         self.pos_emb = ContinuousAxialPositionalEmbedding(dim=dim, num_axial_dims=spec.num_dim) if add_pos_emb else None
 
     def to_model_tokens(self, latents: list[Tensor]) -> tuple[list[Tensor], list[tuple[int, ...]]]:
-        """Channel-last latents `(*spatial, dl)` → model tokens `(L, d)` and their spatial shapes."""
+        """Channel-last latents `(*spatial, dl)` → model tokens `(L, d)` and their spatial shapes.
+
+        The Linear projection acts on each token alone, so the instances of every shape go
+        through it in one call (a multi-resolution batch costs one matmul, not one per
+        shape); U-Net blocks see one stacked batch per group of equal shapes.
+        """
+        if not latents:
+            return [], []
+        if self.has_unet:
+            return self._unet_to_model_tokens(latents)
+        shapes = [tuple(latent.shape[:-1]) for latent in latents]
+        flat = self.latent_to_model(torch.cat([latent.reshape(-1, latent.shape[-1]) for latent in latents]))
+        if exists(self.pos_emb):
+            flat = flat + self.position_embeddings(shapes).to(flat.dtype)
+        return list(flat.split([_prod(shape) for shape in shapes])), shapes
+
+    def _unet_to_model_tokens(self, latents: list[Tensor]) -> tuple[list[Tensor], list[tuple[int, ...]]]:
         tokens: list[Tensor | None] = [None] * len(latents)
         shapes: list[tuple[int, ...] | None] = [None] * len(latents)
         channel_first = self.spec.channel_first
-
         for indices, batch in group_by_shape(latents):
-            if self.has_unet:
-                x = to_channel_last(self.latent_to_model(to_channel_first(batch, channel_first, True)), channel_first, True)
-            else:
-                x = self.latent_to_model(batch)
+            x = to_channel_last(self.latent_to_model(to_channel_first(batch, channel_first, True)), channel_first, True)
             token_shape = tuple(x.shape[1:-1])
             x = x.reshape(x.shape[0], -1, x.shape[-1])
             if exists(self.pos_emb):
-                x = x + self.pos_emb(token_shape, flatten=True).to(x.dtype)
+                x = x + self.position_embeddings([token_shape])[None].to(x.dtype)
             for i, t in zip(indices, x.unbind(0)):
                 tokens[i], shapes[i] = t, token_shape
-
         return tokens, shapes  # type: ignore[return-value]
+
+    def position_embeddings(self, shapes: list[tuple[int, ...]]) -> Tensor:
+        """Axial position embeddings of instances of these token shapes, flattened and
+        concatenated `(sum L, d)`. Each axis's MLP runs once, over the longest extent asked
+        for on that axis; every shape then takes the leading positions of each axis (the
+        embedding of a position does not depend on the shape around it)."""
+        assert exists(self.pos_emb)
+        longest = tuple(max(extents) for extents in zip(*shapes))
+        per_axis = self.pos_emb(longest, return_factorized=True)
+        per_shape = {shape: self.pos_emb.combine_factorized(per_axis, shape, flatten=True) for shape in dict.fromkeys(shapes)}
+        return torch.cat([per_shape[shape] for shape in shapes])
 
     def to_latents(self, tokens: Tensor, token_shapes: list[tuple[int, ...]]) -> list[Tensor]:
         """Model outputs of the instances, concatenated `(sum L, d)` → channel-last latents."""
         lengths = [_prod(s) for s in token_shapes]
+        if not self.has_unet:  # token-wise Linear: one call for every shape
+            return [p.reshape(*s, -1) for p, s in zip(self.model_to_latent(tokens).split(lengths), token_shapes)]
+
         pieces = [p.reshape(*s, -1) for p, s in zip(tokens.split(lengths), token_shapes)]
         channel_first = self.spec.channel_first
 
         def project(batch: Tensor) -> Tensor:
-            if self.has_unet:
-                return to_channel_last(self.model_to_latent(to_channel_first(batch, channel_first, True)), channel_first, True)
-            return self.model_to_latent(batch)
+            return to_channel_last(self.model_to_latent(to_channel_first(batch, channel_first, True)), channel_first, True)
 
         return map_grouped(project, pieces)
 

@@ -431,9 +431,25 @@ class Transfusion(Module):
         return AttentionMask(dense=dense_mask(mask_fn, layout.batch, layout.seq_len, layout.seq_len, self.device))
 
     @staticmethod
-    def pack_rows(rows: list[list], instance_lengths: list[int], pack_length: int) -> list[list]:
+    def row_lengths(rows: list[list], instance_lengths: list[int]) -> list[int]:
+        return [sum(instance_lengths[s] if isinstance(s, int) else s.shape[0] for s in row) for row in rows]
+
+    @torch.no_grad()
+    def token_lengths(self, batch: list) -> list[int]:
+        """Tokens each sample of an interleaved batch takes in a training row: `[sos]`, text,
+        `[meta] shape [som]`, modality tokens, `[eom]`, `[eos]`. These are the `lengths` that
+        `BucketBatchSampler` and `PackedBatchSampler` want. Modality encoders (and U-Net down
+        blocks) run, since they set the token count. Conditioning dropout adds one null token to
+        each unconditional instance on top of this; packing plans rows without them, so a
+        packed row may run that many tokens past `pack`."""
+        prepared = self.prepare(batch, "batch")
+        tokens, _ = self.instance_tokens(prepared.types, prepared.latents)
+        return self.row_lengths(self.wrap_rows(prepared, add_sos_eos=True), [t.shape[0] for t in tokens])
+
+    @classmethod
+    def pack_rows(cls, rows: list[list], instance_lengths: list[int], pack_length: int) -> list[list]:
         """Sequence packing: several samples per row, separated by `DOCUMENT_BREAK`."""
-        sample_lengths = [sum(instance_lengths[s] if isinstance(s, int) else s.shape[0] for s in row) for row in rows]
+        sample_lengths = cls.row_lengths(rows, instance_lengths)
         packed = []
         for group in pack_samples(sample_lengths, pack_length or max(sample_lengths)):
             row: list = []
@@ -476,8 +492,9 @@ class Transfusion(Module):
         tokens, token_shapes = self.instance_tokens(types, latents, unconditional)
         if layout is None:
             lengths = [t.shape[0] for t in tokens]
-            if pack_length is not None:
-                rows = self.pack_rows(rows, lengths, pack_length)
+            if pack_length is not None:  # planned without the null tokens, so a batch packs the same way whatever the draw
+                planned = lengths if unconditional is None else [n - int(u) for n, u in zip(lengths, unconditional)]
+                rows = self.pack_rows(rows, planned, pack_length)
             layout = build_layout(rows, lengths, device=self.device)
 
         x = self.text_embed(layout.token_ids.clamp(min=0))
@@ -530,7 +547,8 @@ class Transfusion(Module):
         times: `(b, m)` flow time of each sample's modalities in order (modality-only: `(b,)`)
         pack: sequence packing of an interleaved batch for the loss: several samples share a
             row (no attention across them, positions restart); `True` packs into rows as long
-            as the longest sample, an int sets the row length. The loss equals the unpacked one.
+            as the longest sample, an int sets the row length (a row may run past it by the
+            null tokens of conditioning dropout). The loss equals the unpacked one.
         Returns the scalar loss, `(loss, LossBreakdown)` with `return_breakdown=True`, or the
         text logits `(b, n, l)` with `return_loss=False`.
         """
