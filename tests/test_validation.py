@@ -102,7 +102,7 @@ def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="depth"):
         Transfusion(num_text_tokens=4, transformer=dict(dim=32, depth=0))
     with pytest.raises(ValueError, match="num_residual_streams"):
-        Transfusion(num_text_tokens=4, transformer=dict(dim=32, depth=1, num_residual_streams=4))
+        Transfusion(num_text_tokens=4, transformer=dict(dim=32, depth=1, num_residual_streams=0))
 
 
 def test_bad_sampling_arguments(model):

@@ -113,21 +113,63 @@ class RMSNorm(Module):
         return F.normalize(x, dim=-1) * self.scale * (self.gamma + 1.0)
 
 
+class HyperConnection(Module):
+    """Dynamic hyper-connections (Zhu et al. 2024, arXiv 2409.19606) around one sub-layer.
+
+    The residual stream is widened to `s` copies, `x: (b, n, s, d)`. The sub-layer reads a
+    learned mix of the copies (`read`); the copies also mix among themselves, and each gets
+    the sub-layer's output back with a learned weight (`write`). Every weight is a static
+    part plus a small token-dependent part, `scale * tanh(norm(x) @ W)`, with `W` zero at
+    initialisation. The static part starts as a plain residual: sub-layer `k` reads copy
+    `k mod s`, the copies pass through unchanged and all get the output with weight 1.
+    """
+
+    def __init__(self, dim: int, num_streams: int, layer_index: int):
+        super().__init__()
+        read = torch.zeros(num_streams, 1)
+        read[layer_index % num_streams] = 1.0
+        self.static_alpha = nn.Parameter(torch.cat((read, torch.eye(num_streams)), dim=1))  # (s, 1 + s): read | mix
+        self.static_beta = nn.Parameter(torch.ones(num_streams))
+        self.norm = RMSNorm(dim)
+        self.dynamic_alpha = nn.Parameter(torch.zeros(dim, num_streams + 1))
+        self.dynamic_beta = nn.Parameter(torch.zeros(dim))
+        self.alpha_scale = nn.Parameter(torch.tensor(1e-2))
+        self.beta_scale = nn.Parameter(torch.tensor(1e-2))
+
+    def read(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`x (b, n, s, d)` → the sub-layer's input `(b, n, d)`, the mixed copies `(b, n, s, d)`
+        and the write weights `(b, n, s)`."""
+        normed = self.norm(x)
+        alpha = self.static_alpha + self.alpha_scale * torch.tanh(normed @ self.dynamic_alpha)  # (b, n, s, 1 + s)
+        beta = self.static_beta + self.beta_scale * torch.tanh(normed @ self.dynamic_beta)  # (b, n, s)
+        mixed = torch.einsum("b n s t, b n s d -> b n t d", alpha, x)
+        return mixed[..., 0, :], mixed[..., 1:, :], beta
+
+    @staticmethod
+    def write(output: Tensor, copies: Tensor, beta: Tensor) -> Tensor:
+        return copies + beta[..., None] * output[..., None, :]
+
+
 class Block(Module):
-    def __init__(self, dim: int, dim_cond: int, attn: Attention, ff: FeedForward, skip_proj: Module | None):
+    def __init__(
+        self, dim: int, dim_cond: int, attn: Attention, ff: FeedForward, skip_proj: Module | None, hyper: tuple[HyperConnection, HyperConnection] | None = None
+    ):
         super().__init__()
         self.attn_norm = AdaptiveNorm(dim, dim_cond)
         self.attn = attn
         self.ff_norm = AdaptiveNorm(dim, dim_cond)
         self.ff = ff
         self.skip_proj = skip_proj
+        self.hyper = ModuleList(hyper) if exists(hyper) else None
 
     def forward(self, x, instance_cond, modulation: Modulation, rotary, mask: AttentionMask, cache: KVCache | KVCacheRows | None, layer_index: int):
-        for norm, fn in ((self.attn_norm, "attn"), (self.ff_norm, "ff")):
+        """x: `(b, n, d)`, or `(b, n, s, d)` with hyper-connections."""
+        for sub, (norm, fn) in enumerate(((self.attn_norm, "attn"), (self.ff_norm, "ff"))):
             scale, shift, gate = (modulation.gather(table) for table in norm.tables(instance_cond))
-            h = norm.norm(x) * scale + shift
+            h, copies, beta = self.hyper[sub].read(x) if exists(self.hyper) else (x, None, None)
+            h = norm.norm(h) * scale + shift
             h = self.attn(h, rotary, mask, cache, layer_index) if fn == "attn" else self.ff(h)
-            x = x + h * gate
+            x = HyperConnection.write(h * gate, copies, beta) if exists(self.hyper) else x + h * gate
         return x
 
 
@@ -144,7 +186,10 @@ class Transformer(Module):
             (U-ViT, arXiv 2209.12152)
         use_flex_attn: flex attention on CUDA (SDPA is used elsewhere regardless)
         use_checkpoint: activation checkpointing of each block while training
-        num_residual_streams: 0.12's hyper-connections; only 1 is supported here
+        num_residual_streams: residual copies for hyper-connections (arXiv 2409.19606);
+            1 is the plain residual
+        num_residual_fracs: kept for 0.12's signature; frac-connections are not implemented,
+            so only 4 (0.12's default, ignored) and 1 are accepted
     """
 
     def __init__(
@@ -174,8 +219,10 @@ class Transformer(Module):
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
         if dim_head % 2 != 0:
             raise ValueError(f"`dim_head` must be even for rotary embeddings, got {dim_head}")
-        if num_residual_streams != 1:
-            raise ValueError(f"`num_residual_streams` must be 1: hyper-connections of 0.12 are not carried over (got {num_residual_streams})")
+        if not isinstance(num_residual_streams, int) or isinstance(num_residual_streams, bool) or num_residual_streams <= 0:
+            raise ValueError(f"`num_residual_streams` must be a positive int, got {num_residual_streams!r}")
+        if num_residual_fracs not in (1, 4):
+            raise ValueError(f"`num_residual_fracs` must be 1 or 4 (0.12's default): frac-connections are not implemented, got {num_residual_fracs!r}")
 
         self.dim = dim
         self.depth = depth
@@ -183,6 +230,7 @@ class Transformer(Module):
         self.heads = heads
         self.use_flex_attn = use_flex_attn
         self.use_checkpoint = use_checkpoint
+        self.num_residual_streams = num_residual_streams
 
         dim_cond = dim * 4
         self.time_embed = TimeEmbedding(dim, dim_cond)
@@ -197,7 +245,10 @@ class Transformer(Module):
             skip_proj = nn.Linear(dim * 2, dim, bias=False) if unet_skips and is_second_half else None
             attn = Attention(dim, dim_head=dim_head, heads=heads, dropout=dropout, use_flex_attn=use_flex_attn, laser=attn_laser, **attn_kwargs)
             ff = FeedForward(dim, expansion_factor=ff_expansion_factor, dropout=dropout, **ff_kwargs)
-            self.blocks.append(Block(dim, dim_cond, attn, ff, skip_proj))
+            hyper = None
+            if num_residual_streams > 1:
+                hyper = (HyperConnection(dim, num_residual_streams, 2 * index), HyperConnection(dim, num_residual_streams, 2 * index + 1))
+            self.blocks.append(Block(dim, dim_cond, attn, ff, skip_proj, hyper))
 
         self.norm = RMSNorm(dim)
 
@@ -228,7 +279,8 @@ class Transformer(Module):
 
         use_checkpoint = self.use_checkpoint and self.training and cache is None and torch.is_grad_enabled()
 
-        x = tokens
+        streams = self.num_residual_streams
+        x = tokens if streams == 1 else tokens[..., None, :].expand(*tokens.shape[:-1], streams, tokens.shape[-1])  # (b, n, s, d)
         skips = []
         num_skips = sum(exists(block.skip_proj) for block in self.blocks)
 
@@ -243,4 +295,4 @@ class Transformer(Module):
             else:
                 x = block(x, instance_cond, modulation, rotary, mask, cache, index)
 
-        return self.norm(x)
+        return self.norm(x if streams == 1 else x.sum(dim=-2))
