@@ -240,6 +240,26 @@ def test_packed_each_sample_once_and_batches_pack_into_their_rows(kwargs):
             assert all(sum(lengths[batch[i]] for i in row) <= kwargs["pack_length"] or len(row) == 1 for row in rows)
 
 
+def test_packed_only_the_last_batch_is_short_and_drop_last_drops_it():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 100) for _ in range(5000)]  # about 30 windows: rows carry over between them
+    for drop_last in (False, True):
+        batches = list(PackedBatchSampler(lengths, pack_length=100, rows=8, drop_last=drop_last))
+        short = [batch for batch in batches if len(pack_samples([lengths[i] for i in batch], 100)) < 8]
+        assert len(short) == (0 if drop_last else 1)
+        dropped = len(lengths) - len(flat(batches))
+        assert (dropped > 0) == drop_last and len(flat(batches)) == len(set(flat(batches)))
+
+
+def test_drop_last_that_leaves_no_batch_raises():
+    for sampler in (
+        PackedBatchSampler([1, 2, 3], pack_length=10, num_replicas=4, rank=0, drop_last=True),
+        BucketBatchSampler([1, 2, 3], batch_size=4, drop_last=True),
+    ):
+        with pytest.raises(ValueError, match="`drop_last=True`"):
+            list(sampler)
+
+
 def test_packing_over_a_stream_beats_packing_within_random_batches():
     lengths = skewed_lengths(3000)
     order = list(range(3000))

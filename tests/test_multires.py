@@ -185,7 +185,7 @@ def test_token_lengths_are_the_rows_the_model_builds(monkeypatch):
 
 def test_packed_sampler_batches_become_the_planned_rows(monkeypatch):
     torch.manual_seed(0)
-    model = model_2d(unconditional_prob=0.5)  # null tokens must not break the planned rows
+    model = model_2d(unconditional_prob=1.0)  # every instance gets a null token: they must not break the planned rows
     samples = [[randint(0, 16, (int(n),)), randn(int(h), int(w), 8)] for n, h, w in zip(randint(1, 12, (40,)), randint(1, 5, (40,)), randint(1, 5, (40,)))]
     lengths = model.token_lengths(samples)
     pack_length = max(lengths) + 4
@@ -196,4 +196,6 @@ def test_packed_sampler_batches_become_the_planned_rows(monkeypatch):
         assert torch.isfinite(loss)
         (layout,) = layouts
         assert layout.batch <= 2
-        assert layout.lengths.sum() >= sum(lengths[i] for i in batch)  # plus the null tokens drawn
+        assert layout.lengths.sum() == sum(lengths[i] for i in batch) + len(batch)  # one null token per sample's image
+        samples_per_row = 1 if layout.document_ids is None else layout.document_ids.amax(dim=1) + 1
+        assert (layout.lengths <= pack_length + samples_per_row).all()  # over the length by its null tokens at most

@@ -6,6 +6,7 @@ from torch import nn, randint, randn
 
 from conftest import make_model, tiny_transformer
 from transfusion_pytorch import Transformer
+from transfusion_pytorch.attention import AttentionMask
 
 
 def randomise(module: nn.Module) -> None:
@@ -38,6 +39,19 @@ def test_hyper_connections_start_as_the_plain_residual():
         hyper.transformer.blocks[0].hyper[0].dynamic_alpha.normal_(std=1.0)
         hyper.transformer.blocks[0].hyper[0].alpha_scale.fill_(1.0)
     assert not torch.allclose(hyper(data, times=times, return_loss=False), expected, atol=1e-2)
+
+
+def test_hyper_connections_keep_the_residual_in_fp32_under_autocast():
+    plain = Transformer(dim=32, depth=6, dim_head=8, heads=4)
+    randomise(plain)
+    hyper = Transformer(dim=32, depth=6, dim_head=8, heads=4, num_residual_streams=4)
+    hyper.load_state_dict(plain.state_dict(), strict=False)
+    tokens, positions = randn(2, 12, 32), torch.arange(12).expand(2, 12)
+    mask = AttentionMask(is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_plain, out_hyper = plain(tokens, positions, mask), hyper(tokens, positions, mask)
+    # at initialisation the copies hold the plain residual exactly, so bf16 rounds both alike
+    assert torch.allclose(out_hyper.float(), out_plain.float(), atol=1e-5)
 
 
 def test_hyper_connections_train_and_sample_with_the_cache():

@@ -98,6 +98,8 @@ class _EpochBatchSampler(Sampler[list[int]]):
             return self._cache[1]
         batches = self._all_batches()
         remainder = len(batches) % self.num_replicas
+        if self.drop_last and len(batches) < self.num_replicas:
+            raise ValueError(f"`drop_last=True` leaves every rank without a batch: {len(batches)} batches this epoch for `num_replicas={self.num_replicas}`")
         if remainder and self.drop_last:
             batches = batches[: len(batches) - remainder]
         elif remainder:  # repeat the first batches (cycling if there are fewer than needed)
@@ -231,6 +233,8 @@ class BucketBatchSampler(_EpochBatchSampler):
                 group = group[torch.randperm(len(group), generator=generator)]
             if self.drop_last and self.batch_size is not None:
                 group = group[: len(group) - len(group) % self.batch_size]
+            if len(group) == 0:
+                continue
             if self.bucket_width is not None:
                 batches += self._cut(group)
                 continue
@@ -256,13 +260,15 @@ class PackedBatchSampler(_EpochBatchSampler):
          `window_batches` (50) batches' worth of tokens;
       2. pack each window by first-fit decreasing into rows of at most `pack_length` tokens (a
          sample longer than that gets a row of its own, and its batch is as long as it);
-      3. deal each window's rows, in the order they were opened, into batches of `rows` rows
-         and list each batch's samples row by row; the model's packer (`pack_samples`) then
-         finds these same rows, or another packing into no more rows;
+      3. deal the rows, window after window in the order they were opened, into batches of
+         `rows` rows (only the epoch's last batch may have fewer) and list each batch's
+         samples row by row; the model's packer (`pack_samples`) then finds these same
+         rows, or another packing into no more rows;
       4. shuffle the order of all batches (if `shuffle`).
 
-    `drop_last` and distributed sharding (`num_replicas`, `rank`, `set_epoch`) behave as in
-    `BucketBatchSampler`; `drop_last` drops no samples before packing.
+    `drop_last=True` drops that last batch when it has fewer than `rows` rows, and then, with
+    several replicas, the last `num_batches % num_replicas` batches, as `BucketBatchSampler`
+    does. Distributed sharding (`num_replicas`, `rank`, `set_epoch`) is the same too.
     """
 
     window_batches = 50
@@ -292,12 +298,13 @@ class PackedBatchSampler(_EpochBatchSampler):
         window_ids = (lengths.cumsum(0) - lengths) // (self.window_batches * self.rows * self.pack_length)
         _, sizes = window_ids.unique_consecutive(return_counts=True)
 
-        batches: list[list[int]] = []
+        planned: list[list[int]] = []  # rows of sample indices, window after window
         for window in order.split(sizes.tolist()):
             indices = window.tolist()
-            window_rows = pack_samples(self.lengths[window].tolist(), self.pack_length, keep_order=False)
-            for first in range(0, len(window_rows), self.rows):
-                batches.append([indices[i] for row in window_rows[first : first + self.rows] for i in row])
+            planned += [[indices[i] for i in row] for row in pack_samples(self.lengths[window].tolist(), self.pack_length, keep_order=False)]
+        batches = [[index for row in planned[first : first + self.rows] for index in row] for first in range(0, len(planned), self.rows)]
+        if self.drop_last and len(planned) % self.rows:
+            batches.pop()  # the one batch with fewer than `rows` rows
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return batches

@@ -138,12 +138,17 @@ class HyperConnection(Module):
 
     def read(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`x (b, n, s, d)` → the sub-layer's input `(b, n, d)`, the mixed copies `(b, n, s, d)`
-        and the write weights `(b, n, s)`."""
-        normed = self.norm(x)
-        alpha = self.static_alpha + self.alpha_scale * torch.tanh(normed @ self.dynamic_alpha)  # (b, n, s, 1 + s)
-        beta = self.static_beta + self.beta_scale * torch.tanh(normed @ self.dynamic_beta)  # (b, n, s)
-        mixed = torch.einsum("b n s t, b n s d -> b n t d", alpha, x)
-        return mixed[..., 0, :], mixed[..., 1:, :], beta
+        and the write weights `(b, n, s)`.
+
+        The copies *are* the residual stream, so they are mixed in fp32 even under autocast
+        (as the plain residual `x + h` stays fp32); the mixing matmuls are tiny."""
+        with torch.autocast(x.device.type, enabled=False):
+            x32 = x.float()
+            normed = self.norm(x32)
+            alpha = self.static_alpha + self.alpha_scale * torch.tanh(normed @ self.dynamic_alpha.float())  # (b, n, s, 1 + s)
+            beta = self.static_beta + self.beta_scale * torch.tanh(normed @ self.dynamic_beta.float())  # (b, n, s)
+            mixed = torch.einsum("b n s t, b n s d -> b n t d", alpha, x32).to(x.dtype)
+        return mixed[..., 0, :], mixed[..., 1:, :], beta.to(x.dtype)
 
     @staticmethod
     def write(output: Tensor, copies: Tensor, beta: Tensor) -> Tensor:

@@ -435,6 +435,7 @@ class Transfusion(Module):
         return [sum(instance_lengths[s] if isinstance(s, int) else s.shape[0] for s in row) for row in rows]
 
     @torch.no_grad()
+    @eval_mode  # counting must not move BatchNorm statistics of U-Net blocks
     def token_lengths(self, batch: list) -> list[int]:
         """Tokens each sample of an interleaved batch takes in a training row: `[sos]`, text,
         `[meta] shape [som]`, modality tokens, `[eom]`, `[eos]`. These are the `lengths` that
