@@ -238,3 +238,53 @@ def test_toy_script_runs_with_amp_and_logs(tmp_path):
     train_toy.main(args)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and "grad_norm" in json.loads(lines[-1])
+
+
+def test_checkpoint_arguments_are_checked_before_writing(tmp_path):
+    import numpy as np
+
+    model = build()
+    path = tmp_path / "ckpt.pt"
+    for extra in ({"best": np.float64(0.5)}, {"dir": tmp_path}, ["not", "a", "dict"]):
+        with pytest.raises(TypeError, match="`extra`"):
+            save_checkpoint(path, model, extra=extra)
+    assert not path.exists() and not list(tmp_path.iterdir())  # nothing written, not even a temporary file
+    for step, error in (("x", TypeError), (None, TypeError), (1.7, TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="`step`"):
+            save_checkpoint(path, model, step=step)
+    with pytest.raises(TypeError, match="`optimizer`"):
+        save_checkpoint(path, model, optimizer="adam")
+    with pytest.raises(ValueError, match="`path`"):
+        save_checkpoint(tmp_path, model)
+
+    save_checkpoint(path, model, extra={"best": 0.5, "history": [1, 2.0, "three", None, torch.ones(2)]})
+    assert load_checkpoint(path, model)["extra"]["best"] == 0.5
+
+
+def test_loading_into_mismatched_objects(tmp_path):
+    model, optimizer, scheduler, ema = fresh()
+    save_checkpoint(tmp_path / "ckpt.pt", model, optimizer=optimizer)
+    other = torch.optim.AdamW(nn.Linear(2, 2).parameters())
+    with pytest.raises(ValueError, match="`optimizer`"):
+        load_checkpoint(tmp_path / "ckpt.pt", model, optimizer=other)
+    with pytest.raises(ValueError, match="`overrides`"):
+        Transfusion.from_checkpoint(tmp_path / "ckpt.pt", not_an_argument=1)
+    with pytest.raises(ValueError, match="`overrides`"):
+        Transfusion.from_checkpoint(tmp_path / "ckpt.pt", transformer=tiny_transformer() | dict(depth=3))
+    payload = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del payload["model"]
+    torch.save(payload, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="lacks model"):
+        load_checkpoint(tmp_path / "broken.pt", model)
+
+
+def test_negative_max_grad_norm():
+    precision = make_precision(use_amp=False, device="cpu")
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="`max_grad_norm`"):
+        precision.step(model(randn(3, 2)).sum(), optimizer, model.parameters(), max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="`device`"):
+        make_precision(device="gpu")
+    with pytest.raises(TypeError, match="`use_amp`"):
+        make_precision(use_amp="yes")

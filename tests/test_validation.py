@@ -125,3 +125,109 @@ def test_bad_sampling_arguments(model):
 def test_ema_model_of_wrong_type(model):
     with pytest.raises(TypeError, match="velocity_consistency_ema_model"):
         model([[randint(0, 16, (3,))]], velocity_consistency_ema_model=torch.nn.Linear(2, 2))
+
+
+# found by fuzzing the public entry points
+
+
+def test_latents_in_another_float_dtype_are_cast(model):
+    batch = [[randint(0, 16, (3,)), randn(2, 2, 8)], [(1, randn(3, 4).double()), randint(0, 16, (2,))]]  # numpy data arrives as float64
+    torch.manual_seed(0)
+    as_float64 = model(batch)
+    batch[1][0] = (1, batch[1][0][1].float())
+    torch.manual_seed(0)
+    assert torch.allclose(as_float64, model(batch))
+    velocities = model(randn(2, 2, 2, 8, dtype=torch.float64), modality_type=0, times=torch.rand(2), return_loss=False)
+    assert velocities.dtype == torch.float32
+    assert model.token_lengths([[randn(2, 2, 8).half()]]) == [1 + 5 + 4 + 1 + 1]
+
+
+def test_empty_axis_and_scalar_modality(model):
+    with pytest.raises(ValueError, match=r"modalities.*empty axis"):
+        model([[randint(0, 16, (3,)), randn(0, 2, 8)]])
+    with pytest.raises(ValueError, match="`modalities` must be a batch"):
+        model(torch.tensor(1.0), modality_type=0)
+
+
+@pytest.mark.parametrize("times", [torch.full((1, 1), float("nan")), torch.full((1, 1), 1.5)])
+def test_interleaved_times_nan_or_out_of_range(model, times):
+    with pytest.raises(ValueError, match="`times`"):
+        model([[randint(0, 16, (3,)), randn(2, 2, 8)]], times=times)
+
+
+@pytest.mark.parametrize("times", [torch.tensor([0.5, float("nan"), 0.2]), torch.tensor([0.5, 5.0, 0.2]), torch.rand(3, 2), [0.1, 0.2, 0.3], torch.rand(3, 0)])
+def test_modality_only_times(model, times):
+    with pytest.raises(ValueError, match="`times`"):
+        model(randn(3, 2, 2, 8), modality_type=0, times=times)
+    model(randn(3, 2, 2, 8), modality_type=0, times=torch.rand(3, 1))  # (b, 1) is fine
+
+
+def test_modality_only_lists(model):
+    with pytest.raises(TypeError, match=r"`modalities\[1\]`"):
+        model([randn(2, 2, 8), None], modality_type=0)
+    with pytest.raises(TypeError, match="`modality_type`"):
+        model(randint(0, 16, (2, 4)), modality_type=0)
+    single = make_model(dim_latent=8, modality_default_shape=(2, 2))
+    single([randn(2, 2, 8), randn(3, 1, 8)]).backward()  # a list of latents needs no modality_type with one modality
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        (dict(seq_len=5), ValueError, "seq_len"),
+        (dict(seq_len=0), ValueError, "seq_len"),
+        (dict(seq_len=12, temperature=float("nan")), ValueError, "temperature"),
+        (dict(seq_len=12, temperature="hot"), TypeError, "temperature"),
+        (dict(seq_len=12, min_p=2.0), ValueError, "min_p"),
+        (dict(seq_len=12, min_p=None), TypeError, "min_p"),
+    ],
+)
+def test_generate_text_only_arguments(model, kwargs, error, name):
+    with pytest.raises(error, match=f"`{name}`"):
+        model.generate_text_only(randint(0, 16, (1, 10)), **kwargs)
+
+
+def test_generate_text_only_empty_prompt_batch(model):
+    with pytest.raises(ValueError, match="`prompt`"):
+        model.generate_text_only(randint(0, 16, (0, 4)), 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        (dict(text_temperature=float("inf")), ValueError, "text_temperature"),
+        (dict(text_temperature=None), TypeError, "text_temperature"),
+        (dict(text_min_p=-1.0), ValueError, "text_min_p"),
+        (dict(modality_steps=2.5), TypeError, "modality_steps"),
+        (dict(modality_steps=1), ValueError, "modality_steps"),
+        (dict(cache_kv=1), TypeError, "cache_kv"),
+        (dict(return_unprocessed_modalities="yes"), TypeError, "return_unprocessed_modalities"),
+        (dict(cfg_scale=float("nan")), ValueError, "cfg_scale"),
+        (dict(fixed_modality_shape=(True, True)), ValueError, "fixed_modality_shape"),
+        (dict(init_modality_noise=torch.full((4, 8), float("nan"))), ValueError, "init_modality_noise"),
+        (dict(prompt=randint(0, 16, (2, 3))), ValueError, "prompt"),
+    ],
+)
+def test_sample_arguments(model, kwargs, error, name):
+    with pytest.raises(error, match=f"`{name}`"):
+        model.sample(max_length=4, **kwargs)
+
+
+def test_generate_modality_only_arguments(model):
+    with pytest.raises(TypeError, match="`modality_steps`"):
+        model.generate_modality_only(modality_type=0, modality_steps="4")
+    with pytest.raises(TypeError, match="`return_unprocessed_modalities`"):
+        model.generate_modality_only(modality_type=0, return_unprocessed_modalities=None)
+
+
+def test_forward_flags(model):
+    batch = [[randint(0, 16, (3,)), randn(2, 2, 8)]]
+    for kwargs, error, name in [
+        (dict(return_loss="no"), TypeError, "return_loss"),
+        (dict(return_breakdown="x"), TypeError, "return_breakdown"),
+        (dict(velocity_consistency_delta_time=-1.0), ValueError, "velocity_consistency_delta_time"),
+        (dict(num_modalities_to_times_fn=3), TypeError, "num_modalities_to_times_fn"),
+        (dict(modality_type=5), ValueError, "modality_type"),
+    ]:
+        with pytest.raises(error, match=f"`{name}`"):
+            model(batch, **kwargs)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import wraps
+from numbers import Integral, Real
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -42,3 +44,35 @@ def eval_mode(fn: Callable[..., T]) -> Callable[..., T]:
             self.train(was_training)
 
     return inner
+
+
+# argument checks: a clear error that names the argument (SPEC §7)
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """An int (numpy ints too, never a bool) of at least `minimum`, returned as a Python int."""
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}: {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def check_float(name: str, value, minimum: float | None = None, maximum: float | None = None) -> float:
+    """A finite real number within `[minimum, maximum]`, returned as a Python float."""
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}: {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        low = "-inf" if minimum is None else minimum
+        high = "inf" if maximum is None else maximum
+        raise ValueError(f"`{name}` must lie in [{low}, {high}], got {value}")
+    return value

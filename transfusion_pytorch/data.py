@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ._utils import check_bool, check_int
+
 
 def collate_fn(data: list) -> list[list]:
     """Keep a batch as a list of samples (each a list of items); nothing is stacked."""
@@ -36,18 +38,6 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
     return wasted / total if total else 0.0
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, Integral) or isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}")
-
-
 def _check_lengths(lengths) -> list[int]:
     lengths = lengths.tolist() if hasattr(lengths, "tolist") else lengths  # tensors, numpy arrays
     if not isinstance(lengths, Sequence) or isinstance(lengths, str):
@@ -57,8 +47,8 @@ def _check_lengths(lengths) -> list[int]:
     for length in lengths:
         if not isinstance(length, Integral) or isinstance(length, bool):
             raise TypeError(f"`lengths` must hold ints, got {type(length).__name__}: {length!r}")
-        if length < 0:
-            raise ValueError(f"`lengths` must be >= 0, got {length}")
+        if not 0 <= length < 2**62:
+            raise ValueError(f"`lengths` must be >= 0 and < 2**62, got {length}")
     return [int(length) for length in lengths]
 
 
@@ -67,16 +57,18 @@ class _EpochBatchSampler(Sampler[list[int]]):
     to DDP ranks. A subclass builds all batches of an epoch, for all ranks, in `_all_batches`."""
 
     def _setup(self, lengths, shuffle: bool, seed: int, drop_last: bool, num_replicas: int | None, rank: int | None) -> None:
-        _check_bool("shuffle", shuffle)
-        _check_bool("drop_last", drop_last)
-        _check_int("seed", seed, 0)
+        check_bool("shuffle", shuffle)
+        check_bool("drop_last", drop_last)
+        seed = check_int("seed", seed, 0)
+        if seed >= 2**63 - 2**32:  # room for `seed + epoch` in a torch generator
+            raise ValueError(f"`seed` must be < 2**63 - 2**32, got {seed}")
         distributed = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
             num_replicas = dist.get_world_size() if distributed else 1
         if rank is None:
             rank = dist.get_rank() if distributed else 0
-        _check_int("num_replicas", num_replicas, 1)
-        _check_int("rank", rank, 0)
+        num_replicas = check_int("num_replicas", num_replicas, 1)
+        rank = check_int("rank", rank, 0)
         if rank >= num_replicas:
             raise ValueError(f"`rank` must be < `num_replicas` ({num_replicas}), got {rank}")
         self.lengths = torch.tensor(lengths, dtype=torch.long)
@@ -87,7 +79,7 @@ class _EpochBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the shuffles for `epoch`; call before each epoch (all ranks with the same value)."""
-        _check_int("epoch", epoch, 0)
+        check_int("epoch", epoch, 0)
         self.epoch = epoch
 
     def _all_batches(self) -> list[list[int]]:
@@ -175,9 +167,10 @@ class BucketBatchSampler(_EpochBatchSampler):
         lengths = _check_lengths(lengths)
         if (batch_size is None) == (max_tokens is None):
             raise ValueError("give exactly one of `batch_size` and `max_tokens`")
-        for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("bucket_width", bucket_width)):
-            if value is not None:
-                _check_int(name, value, 1)
+        batch_size, max_tokens, bucket_width = (
+            None if value is None else check_int(name, value, 1)
+            for name, value in (("batch_size", batch_size), ("max_tokens", max_tokens), ("bucket_width", bucket_width))
+        )
 
         if keys is not None:
             keys = keys.tolist() if hasattr(keys, "tolist") else keys
@@ -286,8 +279,8 @@ class PackedBatchSampler(_EpochBatchSampler):
         rank: int | None = None,
     ):
         lengths = _check_lengths(lengths)
-        _check_int("pack_length", pack_length, 1)
-        _check_int("rows", rows, 1)
+        check_int("pack_length", pack_length, 1)
+        check_int("rows", rows, 1)
         self._setup(lengths, shuffle, seed, drop_last, num_replicas, rank)
         self.pack_length, self.rows = int(pack_length), int(rows)
 

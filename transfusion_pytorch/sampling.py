@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ._utils import exists
+from ._utils import check_bool, check_float, check_int, exists
 from .attention import AttentionMask, KVCache
 from .flow import cfg_blend, integrate
 from .masks import causal, dense_mask
@@ -75,16 +75,17 @@ def text_step(model: Transfusion, ids: Tensor, positions: Tensor, cache: KVCache
 
 def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature: float = 1.5, min_p: float = 0.1) -> Tensor:
     prompt = model.check_text(prompt, "prompt")
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"`prompt` must have shape (batch, prompt_len >= 1), got {tuple(prompt.shape)}")
-    if not isinstance(seq_len, int):
-        raise TypeError(f"`seq_len` must be an int, got {type(seq_len).__name__}")
+    if prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
+        raise ValueError(f"`prompt` must have shape (batch >= 1, prompt_len >= 1), got {tuple(prompt.shape)}")
+    seq_len = check_int("seq_len", seq_len)
+    if seq_len <= prompt.shape[1]:
+        raise ValueError(f"`seq_len` counts the prompt: it must exceed the prompt length {prompt.shape[1]} to generate anything, got {seq_len}")
+    temperature = check_float("temperature", temperature, 0.0)
+    min_p = check_float("min_p", min_p, 0.0, 1.0)
 
     prompt = prompt.to(model.device)
     batch, prompt_len = prompt.shape
-    num_new = max(0, seq_len - prompt_len)
-    if num_new == 0:
-        return prompt[:, :0]
+    num_new = seq_len - prompt_len
 
     cache = model.transformer.new_cache(batch, capacity=prompt_len + num_new, device=model.device)
     positions = torch.arange(prompt_len, device=model.device).expand(batch, prompt_len)
@@ -121,6 +122,8 @@ def generate_modality(
     cfg_scale = model.check_cfg_scale(cfg_scale)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    modality_steps = check_int("modality_steps", modality_steps, 2)
+    check_bool("return_unprocessed_modalities", return_unprocessed_modalities)
     spec = model.spec(modality_type)
 
     per_item = isinstance(fixed_modality_shape, list)
@@ -162,12 +165,16 @@ def generate_modality(
     return out if per_item else torch.stack(out)
 
 
+def check_shape_form(shape, name: str) -> None:
+    if not isinstance(shape, tuple) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ValueError(f"`{name}` must be a tuple of positive ints, got {shape!r}")
+
+
 def check_shape(model: Transfusion, modality_type: int, shape, name: str) -> tuple[int, ...]:
     spec = model.spec(modality_type)
     if shape is None:
         raise ValueError(f"`{name}` is needed for modality {modality_type}: it has no `modality_default_shape`")
-    if not isinstance(shape, tuple) or not all(isinstance(s, int) and s > 0 for s in shape):
-        raise ValueError(f"`{name}` must be a tuple of positive ints, got {shape!r}")
+    check_shape_form(shape, name)
     if exists(spec.num_dim) and len(shape) != spec.num_dim:
         raise ValueError(f"`{name}` {shape} has {len(shape)} axes, modality {modality_type} has {spec.num_dim}")
     return shape
@@ -338,8 +345,19 @@ def sample_interleaved(
     cfg_scale = model.check_cfg_scale(cfg_scale)
     if not isinstance(max_length, int) or max_length <= 0:
         raise ValueError(f"`max_length` must be a positive int, got {max_length!r}")
-    if exists(init_modality_noise) and (not torch.is_tensor(init_modality_noise) or init_modality_noise.ndim != 2):
-        raise ValueError("`init_modality_noise` must be a float tensor of shape (tokens, dim_latent)")
+    text_temperature = check_float("text_temperature", text_temperature, 0.0)
+    text_min_p = check_float("text_min_p", text_min_p, 0.0, 1.0)
+    modality_steps = check_int("modality_steps", modality_steps, 2)
+    check_bool("cache_kv", cache_kv)
+    check_bool("return_unprocessed_modalities", return_unprocessed_modalities)
+    if exists(fixed_modality_shape):
+        check_shape_form(fixed_modality_shape, "fixed_modality_shape")
+    if exists(init_modality_noise):
+        if not torch.is_tensor(init_modality_noise) or not init_modality_noise.is_floating_point() or init_modality_noise.ndim != 2:
+            raise ValueError("`init_modality_noise` must be a float tensor of shape (tokens, dim_latent)")
+        if not bool(init_modality_noise.isfinite().all()):
+            raise ValueError("`init_modality_noise` must be finite (no NaN or inf)")
+        init_modality_noise = init_modality_noise.to(model.dtype)
 
     if model.num_text_tokens == 0:  # nothing to write: one modality, as 0.12
         out = model.generate_modality_only(
@@ -394,6 +412,8 @@ def start_prompt(model: Transfusion, stream: _Stream, prompt):
     if prompt is None:
         items = []
     elif torch.is_tensor(prompt) and not prompt.is_floating_point():
+        if prompt.ndim > 1 and prompt.shape[0] != 1:
+            raise ValueError(f"`prompt` text must be one sequence, shape (n,) or (1, n), got {tuple(prompt.shape)}: `sample` writes one sample")
         items = [prompt.reshape(-1)]
     elif torch.is_tensor(prompt) or isinstance(prompt, tuple):
         items = [prompt]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import json
 import os
 import random
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import exists
+from ._utils import check_bool, check_float, check_int, exists
 from .layout import default_to_modality_shape_fn
 from .transformer import Transformer
 
@@ -54,6 +55,8 @@ class Precision:
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, max_grad_norm: float | None = None) -> torch.Tensor:
         """backward → (unscale) → clip → optimizer step → zero grads; returns the gradient norm."""
+        if exists(max_grad_norm):
+            check_float("max_grad_norm", max_grad_norm, 0.0)
         parameters = [p for p in parameters if p.requires_grad]
         if exists(self.scaler):
             self.scaler.scale(loss).backward()
@@ -71,9 +74,13 @@ class Precision:
 
 
 def make_precision(use_amp: bool = False, amp_dtype: str = "bf16", device: torch.device | str = "cpu") -> Precision:
+    check_bool("use_amp", use_amp)
     if amp_dtype not in AMP_DTYPES:
         raise ValueError(f"`amp_dtype` must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
-    device_type = torch.device(device).type
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`device` must be a torch device or its name ('cpu', 'cuda', 'cuda:1'), got {device!r}") from error
     if use_amp and amp_dtype == "fp16" and device_type != "cuda":
         raise ValueError("`amp_dtype='fp16'` needs CUDA (with a GradScaler); use 'bf16' on the CPU")
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == "fp16" else None
@@ -194,9 +201,22 @@ def save_checkpoint(
     step: int = 0,
     extra: dict | None = None,
 ) -> Path:
-    """Write everything needed to resume (or to sample) atomically to `path`."""
+    """Write everything needed to resume (or to sample) atomically to `path`.
+
+    `extra` holds what else the run wants back (best score, data position): tensors, numbers,
+    strings, bools, None, and lists / tuples / dicts of them, which a weights-only load reads.
+    """
     model = _unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("ema", ema)):
+        if exists(obj) and not callable(getattr(obj, "state_dict", None)):
+            raise TypeError(f"`{name}` must have a `state_dict()`, got {type(obj).__name__}")
+    step = check_int("step", step, 0)
+    _check_extra(extra)
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"`path` {str(path)!r} is a directory, not a checkpoint file")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -223,6 +243,24 @@ def save_checkpoint(
     return path
 
 
+def _check_extra(extra) -> None:
+    """Refuse what `torch.load(weights_only=True)` could not read back, before anything is written."""
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise TypeError(f"`extra` must be a dict, got {type(extra).__name__}")
+    buffer = io.BytesIO()
+    torch.save(extra, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as error:
+        raise TypeError(
+            "`extra` must hold only tensors, numbers, strings, bools, None and lists / tuples / dicts of them "
+            f"(a weights-only load must read it back; convert numpy scalars with float() / int(), paths with str()): {error}"
+        ) from None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint's contents without executing code from it."""
     path = Path(path)
@@ -234,6 +272,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"`path` {str(path)!r} is not a readable checkpoint: {error}") from error
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"`path` {str(path)!r} is not a transfusion_pytorch checkpoint")
+    missing = [key for key in ("config", "model", "step", "rng", "optimizer", "scheduler", "ema", "extra") if key not in payload]
+    if missing:
+        raise ValueError(f"checkpoint `path` {str(path)!r} lacks {', '.join(missing)}")
+    if payload["config"] is not None:
+        try:
+            json.loads(payload["config"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"checkpoint `path` {str(path)!r} has an unreadable model config: {error}") from None
     return payload
 
 
@@ -260,6 +306,8 @@ def load_checkpoint(
     names the differing constructor arguments.
     """
     model = _unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     payload = read_checkpoint(path)
     if payload["config"] is not None and hasattr(model, "config"):
         differences = _config_differences(json.loads(payload["config"]), config_to_json(model.config))
@@ -273,7 +321,12 @@ def load_checkpoint(
         if exists(obj):
             if payload[name] is None:
                 raise ValueError(f"checkpoint `path` {str(path)!r} has no {name} state to restore")
-            obj.load_state_dict(payload[name])
+            if not callable(getattr(obj, "load_state_dict", None)):
+                raise TypeError(f"`{name}` must have a `load_state_dict()`, got {type(obj).__name__}")
+            try:
+                obj.load_state_dict(payload[name])
+            except (RuntimeError, ValueError, KeyError) as error:
+                raise ValueError(f"the {name} state in checkpoint `path` {str(path)!r} does not fit `{name}`: {error}") from error
     if restore_rng:
         _set_rng_state(payload["rng"])
     return {"step": payload["step"], "extra": payload["extra"]}

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
 from ._typing import Int, typecheck
-from ._utils import default, eval_mode, exists, per_modality
+from ._utils import check_bool, check_float, default, eval_mode, exists, per_modality
 from .attention import AttentionMask, KVCache
 from .data import pack_samples
 from .flow import default_times_fn, noise_path, predicted_data, velocity_target
@@ -55,6 +55,13 @@ def _is_int_tensor(t) -> bool:
 
 def _is_float_tensor(t) -> bool:
     return torch.is_tensor(t) and t.is_floating_point()
+
+
+def check_times(times: Tensor) -> Tensor:
+    """Flow times lie in [0, 1] (0 is noise, 1 is data); NaN is refused too."""
+    if not bool(((times >= 0) & (times <= 1)).all()):
+        raise ValueError("`times` must lie in [0, 1] (0 is noise, 1 is data), without NaN")
+    return times
 
 
 def _is_shape(value) -> bool:
@@ -238,6 +245,11 @@ class Transfusion(Module):
     def device(self) -> torch.device:
         return self.text_embed.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype: latents given in another float dtype (numpy's float64, say) are cast to it."""
+        return self.text_embed.weight.dtype
+
     def spec(self, modality_type: int) -> ModalitySpec:
         return self.modality_heads[modality_type].spec
 
@@ -254,6 +266,7 @@ class Transfusion(Module):
         """Rebuild a model (encoders / decoders of this package included) from a checkpoint written
         by `training.save_checkpoint`, with its weights, ready to sample. Arguments the checkpoint
         cannot rebuild (your own encoder class, a custom shape parser) are passed as `overrides`."""
+        import inspect
         import json
 
         from .training import model_from_config, read_checkpoint
@@ -261,8 +274,17 @@ class Transfusion(Module):
         payload = read_checkpoint(path)
         if payload["config"] is None:
             raise ValueError(f"checkpoint `path` {str(path)!r} holds no model config")
-        model = model_from_config(json.loads(payload["config"]), cls, **overrides)
-        model.load_state_dict(payload["model"])
+        config = json.loads(payload["config"])
+        unknown = sorted(set(overrides) - set(inspect.signature(cls.__init__).parameters) - set(config))
+        if unknown:
+            raise ValueError(f"`overrides` {unknown} are not arguments of {cls.__name__}")
+        model = model_from_config(config, cls, **overrides)
+        try:
+            model.load_state_dict(payload["model"])
+        except RuntimeError as error:
+            raise ValueError(
+                f"the weights in checkpoint `path` {str(path)!r} do not fit the model built with `overrides` {sorted(overrides)}: {error}"
+            ) from error
         return model
 
     def create_ema(self, beta: float = 0.99, **ema_kwargs) -> EMA:
@@ -288,8 +310,7 @@ class Transfusion(Module):
         return modality_type
 
     def check_cfg_scale(self, cfg_scale) -> float:
-        if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
-            raise TypeError(f"`cfg_scale` must be a number, got {type(cfg_scale).__name__}")
+        cfg_scale = check_float("cfg_scale", cfg_scale)
         if cfg_scale != 1 and self.unconditional_prob <= 0:
             raise ValueError(
                 f"`cfg_scale`={cfg_scale} needs a model trained with conditioning dropout (`unconditional_prob` > 0); this one has unconditional_prob=0"
@@ -326,7 +347,9 @@ class Transfusion(Module):
                 f"`{name}` of modality {modality_type} has {tensor.ndim - 1} spatial axes (shape {tuple(tensor.shape)}), "
                 f"expected {spec.num_dim} (modality_num_dim)"
             )
-        return to_channel_last(tensor, spec.channel_first)
+        if tensor.numel() == 0:
+            raise ValueError(f"`{name}` of modality {modality_type} has an empty axis: shape {tuple(tensor.shape)}")
+        return to_channel_last(tensor, spec.channel_first).to(self.dtype)
 
     def encode(self, raw: list[Tensor], modality_type: int) -> list[Tensor]:
         """Run the modality's (frozen) encoder, batched per group of equal shapes."""
@@ -555,6 +578,13 @@ class Transfusion(Module):
         """
         if not isinstance(pack, (bool, int)) or (not isinstance(pack, bool) and pack <= 0):
             raise ValueError(f"`pack` must be True / False or a positive row length, got {pack!r}")
+        check_bool("return_loss", return_loss)
+        check_bool("return_breakdown", return_breakdown)
+        check_float("velocity_consistency_delta_time", velocity_consistency_delta_time, 0.0, 1.0)
+        if exists(num_modalities_to_times_fn) and not callable(num_modalities_to_times_fn):
+            raise TypeError(f"`num_modalities_to_times_fn` must be callable, got {type(num_modalities_to_times_fn).__name__}")
+        if exists(modality_type):
+            self.check_modality_type(modality_type)
         ema_model = velocity_consistency_ema_model
         if isinstance(ema_model, EMA):
             ema_model = ema_model.ema_model
@@ -562,14 +592,19 @@ class Transfusion(Module):
             raise TypeError(f"`velocity_consistency_ema_model` must be a Transfusion or its EMA, got {type(ema_model).__name__}")
 
         if torch.is_tensor(modalities) and _is_int_tensor(modalities):
+            if exists(modality_type):
+                raise TypeError(f"`modalities` is an int tensor (text ids) but `modality_type`={modality_type} was given: modality latents must be float")
             if modalities.ndim != 2 or modalities.shape[0] == 0:
                 raise ValueError(f"`modalities` text batch must have shape (batch, seq) with batch >= 1, got {tuple(modalities.shape)}")
             return self.forward_text(modalities, return_loss=return_loss, return_breakdown=return_breakdown)
 
+        # modality only: one float tensor, a list of float tensors, or a flat list with `modality_type=`
+        # (an interleaved batch is a list of samples, each a list)
+        is_flat_list = isinstance(modalities, (list, tuple)) and len(modalities) > 0 and not any(isinstance(m, (list, tuple)) for m in modalities)
         is_modality_only = _is_float_tensor(modalities) or (
-            isinstance(modalities, (list, tuple)) and len(modalities) > 0 and all(torch.is_tensor(m) and _is_float_tensor(m) for m in modalities)
+            is_flat_list and (exists(modality_type) or all(torch.is_tensor(m) and _is_float_tensor(m) for m in modalities))
         )
-        if is_modality_only and (torch.is_tensor(modalities) or exists(modality_type)):
+        if is_modality_only:
             return self.forward_modality(
                 modalities,
                 times=times,
@@ -628,8 +663,7 @@ class Transfusion(Module):
         if not _is_float_tensor(times) or times.ndim != 2 or times.shape[0] != batch or times.shape[1] < max_count:
             got = tuple(times.shape) if torch.is_tensor(times) else type(times).__name__
             raise ValueError(f"`times` must be a float tensor of shape (batch={batch}, max modalities per sample={max_count}), got {got}")
-        if bool(((times < 0) | (times > 1)).any()):
-            raise ValueError("`times` must lie in [0, 1] (0 is noise, 1 is data)")
+        check_times(times)
         seen = [0] * batch
         flat = []
         for row in prepared.row_of:
@@ -775,9 +809,15 @@ class Transfusion(Module):
         predicted velocities are returned (stacked when shapes agree).
         """
         modality_type = self.check_modality_type(modality_type)
+        if torch.is_tensor(modalities) and modalities.ndim < 2:
+            raise ValueError(f"`modalities` must be a batch (batch, *shape, dim_latent) of one modality, got shape {tuple(modalities.shape)}")
         items = list(modalities.unbind(0)) if torch.is_tensor(modalities) else list(modalities)
         if len(items) == 0:
             raise ValueError("`modalities` must hold at least one sample")
+        for i, item in enumerate(items):
+            if not torch.is_tensor(item) or not _is_float_tensor(item):
+                got = item.dtype if torch.is_tensor(item) else type(item).__name__
+                raise TypeError(f"`modalities[{i}]` must be a float modality tensor (modality-only batch), got {got}")
         batch = [[(modality_type, x)] for x in items]
         if not return_loss:  # inputs are already encoded, noised latents
             prepared = _Prepared(
@@ -794,14 +834,13 @@ class Transfusion(Module):
         # one instance per row and equal lengths: no mask at all
         full = len({tuple(x.shape) for x in prepared.latents}) == 1 and (unconditional is None or len(set(unconditional)) == 1)
 
-        if times is not None and times.ndim == 2:
-            times = times[:, 0]
         if times is None:
             t = torch.rand(len(items), device=self.device)
         else:
-            if not _is_float_tensor(times) or times.shape != (len(items),):
-                raise ValueError(f"`times` must be a float tensor of shape ({len(items)},), got {tuple(times.shape) if torch.is_tensor(times) else times!r}")
-            t = times.to(self.device).float()
+            if not _is_float_tensor(times) or times.shape not in ((len(items),), (len(items), 1)):
+                got = tuple(times.shape) if torch.is_tensor(times) else type(times).__name__
+                raise ValueError(f"`times` must be a float tensor of shape ({len(items)},) or ({len(items)}, 1), got {got}")
+            t = check_times(times.reshape(-1)).to(self.device).float()
 
         if not return_loss:
             _, _, velocities = self.predict(rows, prepared.types, prepared.latents, t, full_attention=full)
