@@ -231,3 +231,45 @@ def test_forward_flags(model):
     ]:
         with pytest.raises(error, match=f"`{name}`"):
             model(batch, **kwargs)
+
+
+def test_arguments_that_a_path_would_ignore(model):
+    text = randint(0, 16, (2, 6))
+    for kwargs, name in [
+        (dict(times=torch.rand(2, 1)), "times"),
+        (dict(pack=True), "pack"),
+        (dict(num_modalities_to_times_fn=torch.rand), "num_modalities_to_times_fn"),
+    ]:
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            model(text, **kwargs)
+    with pytest.raises(ValueError, match="seq >= 2"):
+        model(randint(0, 16, (2, 1)))
+    with pytest.raises(ValueError, match="`pack`"):
+        model(randn(2, 2, 2, 8), modality_type=0, pack=True)
+
+
+def test_modality_only_honours_num_modalities_to_times_fn(model):
+    seen = []
+
+    def times_fn(counts):
+        seen.append(counts.tolist())
+        return torch.full((len(counts), 1), 0.25)
+
+    latents = randn(3, 2, 2, 8)
+    torch.manual_seed(1)
+    from_fn = model(latents, modality_type=0, num_modalities_to_times_fn=times_fn)
+    torch.manual_seed(1)
+    assert torch.allclose(from_fn, model(latents, modality_type=0, times=torch.full((3,), 0.25)))
+    assert seen == [[1, 1, 1]]
+
+
+def test_data_helpers_name_bad_arguments():
+    from transfusion_pytorch import collate_fn, padding_fraction
+    from transfusion_pytorch.data import pack_samples
+
+    with pytest.raises(ValueError, match="`batches`"):
+        padding_fraction([[0, 3]], [1, 2])
+    with pytest.raises(ValueError, match="`lengths`"):
+        pack_samples([3, -1], 4)
+    with pytest.raises(TypeError, match="`data`"):
+        collate_fn(None)

@@ -17,6 +17,8 @@ from ._utils import check_bool, check_int
 
 def collate_fn(data: list) -> list[list]:
     """Keep a batch as a list of samples (each a list of items); nothing is stacked."""
+    if not isinstance(data, (list, tuple)):
+        raise TypeError(f"`data` must be a list of samples, got {type(data).__name__}")
     return [list(sample) for sample in data]
 
 
@@ -29,6 +31,9 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
     costs `k * max length in the batch` tokens. 0.0 for no batches or no tokens."""
     total = wasted = 0
     for batch in batches:
+        for index in batch:
+            if not isinstance(index, Integral) or not 0 <= index < len(lengths):
+                raise ValueError(f"`batches` hold sample indices in [0, {len(lengths)}) (one length each in `lengths`), got {index!r}")
         batch_lengths = [int(lengths[index]) for index in batch]
         if not batch_lengths:
             continue
@@ -317,6 +322,9 @@ def pack_samples(lengths: Sequence[int], max_length: int, keep_order: bool = Tru
     """
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
         raise ValueError(f"`max_length` must be a positive int, got {max_length!r}")
+    for length in lengths:
+        if not isinstance(length, Integral) or isinstance(length, bool) or length < 0:
+            raise ValueError(f"`lengths` must be ints >= 0, got {length!r}")
     rows: list[list[int]] = []
     room: list[int] = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):

@@ -596,6 +596,13 @@ class Transfusion(Module):
                 raise TypeError(f"`modalities` is an int tensor (text ids) but `modality_type`={modality_type} was given: modality latents must be float")
             if modalities.ndim != 2 or modalities.shape[0] == 0:
                 raise ValueError(f"`modalities` text batch must have shape (batch, seq) with batch >= 1, got {tuple(modalities.shape)}")
+            if return_loss and modalities.shape[1] < 2:
+                raise ValueError(f"`modalities` text batch needs seq >= 2 for a next-token loss, got shape {tuple(modalities.shape)}")
+            for name, value in (("times", times), ("num_modalities_to_times_fn", num_modalities_to_times_fn), ("velocity_consistency_ema_model", ema_model)):
+                if exists(value):
+                    raise ValueError(f"`{name}` has no meaning for a text-only batch (an int tensor)")
+            if pack is not False:
+                raise ValueError("`pack` applies to interleaved batches; a text-only batch has no padding to pack away")
             return self.forward_text(modalities, return_loss=return_loss, return_breakdown=return_breakdown)
 
         # modality only: one float tensor, a list of float tensors, or a flat list with `modality_type=`
@@ -605,9 +612,12 @@ class Transfusion(Module):
             is_flat_list and (exists(modality_type) or all(torch.is_tensor(m) and _is_float_tensor(m) for m in modalities))
         )
         if is_modality_only:
+            if pack is not False:
+                raise ValueError("`pack` applies to interleaved batches; a modality-only batch has one instance per row")
             return self.forward_modality(
                 modalities,
                 times=times,
+                num_modalities_to_times_fn=num_modalities_to_times_fn,
                 modality_type=modality_type,
                 velocity_consistency_ema_model=ema_model,
                 velocity_consistency_delta_time=velocity_consistency_delta_time,
@@ -798,6 +808,7 @@ class Transfusion(Module):
         modalities: Tensor | list[Tensor],
         times: Tensor | None = None,
         modality_type: int | None = None,
+        num_modalities_to_times_fn: Callable[[Tensor], Tensor] | None = None,
         velocity_consistency_ema_model: Transfusion | None = None,
         velocity_consistency_delta_time: float = 1e-3,
         return_loss: bool = True,
@@ -834,6 +845,8 @@ class Transfusion(Module):
         # one instance per row and equal lengths: no mask at all
         full = len({tuple(x.shape) for x in prepared.latents}) == 1 and (unconditional is None or len(set(unconditional)) == 1)
 
+        if times is None and exists(num_modalities_to_times_fn):  # one modality per sample
+            times = num_modalities_to_times_fn(torch.ones(len(items), dtype=torch.long, device=self.device))
         if times is None:
             t = torch.rand(len(items), device=self.device)
         else:
