@@ -137,6 +137,12 @@ def test_bucketing_pads_far_less_than_random_batching():
         assert bucketed < 0.1 and bucketed < random_padding / 3, (kwargs, bucketed, random_padding)
 
 
+def test_padding_fraction_and_packing_take_tensors():
+    lengths = torch.tensor([2, 4, 3, 5])
+    assert padding_fraction(list(torch.arange(4).split(2)), lengths) == padding_fraction([[0, 1], [2, 3]], [2, 4, 3, 5])
+    assert pack_samples(torch.tensor([3, 4, 2]), 8) == pack_samples([3, 4, 2], 8)
+
+
 def test_padding_fraction():
     assert padding_fraction([[0, 1], [2]], [2, 4, 3]) == pytest.approx(2 / 11)
     assert padding_fraction([], [1]) == 0.0

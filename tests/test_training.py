@@ -282,8 +282,11 @@ def test_negative_max_grad_norm():
     precision = make_precision(use_amp=False, device="cpu")
     model = nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="`max_grad_norm`"):
-        precision.step(model(randn(3, 2)).sum(), optimizer, model.parameters(), max_grad_norm=-1.0)
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="`max_grad_norm`"):
+            precision.step(model(randn(3, 2)).sum(), optimizer, model.parameters(), max_grad_norm=bad)
+    norm = precision.step(model(randn(3, 2)).sum(), optimizer, model.parameters(), max_grad_norm=float("inf"))  # measure only
+    assert torch.isfinite(norm) and norm > 0
     with pytest.raises(ValueError, match="`device`"):
         make_precision(device="gpu")
     with pytest.raises(TypeError, match="`use_amp`"):

@@ -275,3 +275,19 @@ def test_channel_first_round_trip_of_latents(cf):
     model([[x]]).backward()
     out = model.generate_modality_only(batch_size=1, modality_steps=2)
     assert out.shape == ((1, 6, 2, 3) if cf else (1, 2, 3, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_model_in_another_dtype_trains_and_samples(dtype):
+    model = make_model(dim_latent=8, modality_default_shape=(2, 2), add_pos_emb=True, unconditional_prob=0.2).to(dtype)
+    ema = model.create_ema()
+    batch = [[randint(0, 16, (4,)), randn(2, 2, 8)], [randn(3, 1, 8), randint(0, 16, (3,))]]  # fp32 latents: cast
+    model(batch, velocity_consistency_ema_model=ema).backward()
+    model(randn(2, 2, 2, 8), modality_type=0).backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    prompt = torch.tensor([3, *model.ids.encode_shape((2, 2)), model.ids.som[0]])
+    for cache_kv in (True, False):
+        sample = model.sample(prompt=prompt, max_length=10, modality_steps=3, cfg_scale=2.0, cache_kv=cache_kv)
+        assert sample[1][1].shape == (2, 2, 8) and torch.isfinite(sample[1][1]).all()
+    assert model.generate_modality_only(batch_size=2, modality_steps=3, cfg_scale=2.0).shape == (2, 2, 2, 8)
+    assert model.generate_text_only(randint(0, 16, (2, 3)), 6).shape == (2, 3)

@@ -155,11 +155,23 @@ def test_interleaved_times_nan_or_out_of_range(model, times):
         model([[randint(0, 16, (3,)), randn(2, 2, 8)]], times=times)
 
 
-@pytest.mark.parametrize("times", [torch.tensor([0.5, float("nan"), 0.2]), torch.tensor([0.5, 5.0, 0.2]), torch.rand(3, 2), [0.1, 0.2, 0.3], torch.rand(3, 0)])
+@pytest.mark.parametrize("times", [torch.tensor([0.5, float("nan"), 0.2]), torch.tensor([0.5, 5.0, 0.2]), torch.rand(2), [0.1, 0.2, 0.3], torch.rand(3, 0)])
 def test_modality_only_times(model, times):
     with pytest.raises(ValueError, match="`times`"):
         model(randn(3, 2, 2, 8), modality_type=0, times=times)
-    model(randn(3, 2, 2, 8), modality_type=0, times=torch.rand(3, 1))  # (b, 1) is fine
+
+
+def test_modality_only_times_of_interleaved_shape_use_column_0(model):
+    latents, times = randn(3, 2, 2, 8), torch.rand(3, 4)
+    torch.manual_seed(1)
+    wide = model(latents, modality_type=0, times=times)
+    torch.manual_seed(1)
+    assert torch.allclose(wide, model(latents, modality_type=0, times=times[:, 0]))
+
+
+def test_only_the_times_in_use_are_checked(model):
+    batch = [[randint(0, 16, (3,)), randn(2, 2, 8)], [randn(2, 2, 8), randn(2, 2, 8)]]
+    model(batch, times=torch.tensor([[0.3, float("nan")], [0.2, 0.7]]))  # sample 0 has one modality: its padding is never read
 
 
 def test_modality_only_lists(model):
@@ -174,8 +186,7 @@ def test_modality_only_lists(model):
 @pytest.mark.parametrize(
     "kwargs, error, name",
     [
-        (dict(seq_len=5), ValueError, "seq_len"),
-        (dict(seq_len=0), ValueError, "seq_len"),
+        (dict(seq_len=5.0), TypeError, "seq_len"),
         (dict(seq_len=12, temperature=float("nan")), ValueError, "temperature"),
         (dict(seq_len=12, temperature="hot"), TypeError, "temperature"),
         (dict(seq_len=12, min_p=2.0), ValueError, "min_p"),
@@ -190,6 +201,22 @@ def test_generate_text_only_arguments(model, kwargs, error, name):
 def test_generate_text_only_empty_prompt_batch(model):
     with pytest.raises(ValueError, match="`prompt`"):
         model.generate_text_only(randint(0, 16, (0, 4)), 8)
+    assert model.generate_text_only(randint(0, 16, (2, 4)), 3).shape == (2, 0)  # `seq_len` counts the prompt, as in 0.12
+
+
+def test_numbers_given_as_numpy_or_0d_tensors(model):
+    import numpy as np
+
+    latents = model.generate_modality_only(batch_size=np.int64(2), modality_type=np.int64(0), modality_steps=torch.tensor(3), cfg_scale=1.0)
+    assert latents.shape == (2, 2, 2, 8)
+    text = model.generate_text_only(randint(0, 16, (1, 3)), np.int64(6), temperature=torch.tensor(1.0), min_p=np.float32(0.1))
+    assert text.shape == (1, 3)
+    prompt = torch.tensor([3, *model.ids.encode_shape((2, 3)), model.ids.som[0]])
+    sample = model.sample(
+        prompt=prompt, max_length=np.int64(8), text_temperature=torch.tensor(1.0), modality_steps=np.int64(3), fixed_modality_shape=[np.int64(2), 3]
+    )
+    assert sample[1][1].shape == (2, 3, 8)
+    model([[randint(0, 16, (3,)), randn(2, 2, 8)]], modality_type=np.int64(0), velocity_consistency_delta_time=torch.tensor(1e-3))
 
 
 @pytest.mark.parametrize(
@@ -233,15 +260,12 @@ def test_forward_flags(model):
             model(batch, **kwargs)
 
 
-def test_arguments_that_a_path_would_ignore(model):
+def test_text_only_batches(model):
     text = randint(0, 16, (2, 6))
-    for kwargs, name in [
-        (dict(times=torch.rand(2, 1)), "times"),
-        (dict(pack=True), "pack"),
-        (dict(num_modalities_to_times_fn=torch.rand), "num_modalities_to_times_fn"),
-    ]:
-        with pytest.raises(ValueError, match=f"`{name}`"):
-            model(text, **kwargs)
+    with pytest.raises(ValueError, match="`pack`"):
+        model(text, pack=True)
+    ema = model.create_ema()
+    model(text, times=torch.rand(2, 1), velocity_consistency_ema_model=ema)  # nothing to act on, ignored as in 0.12
     with pytest.raises(ValueError, match="seq >= 2"):
         model(randint(0, 16, (2, 1)))
     with pytest.raises(ValueError, match="`pack`"):

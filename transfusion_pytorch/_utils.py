@@ -49,8 +49,18 @@ def eval_mode(fn: Callable[..., T]) -> Callable[..., T]:
 # argument checks: a clear error that names the argument (SPEC §7)
 
 
+def _scalar(value):
+    """A 0-d tensor or numpy array (a value from a sweep, say) → its Python number; anything else as is."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item") and not isinstance(value, (Integral, Real)):
+        dtype = str(getattr(value, "dtype", ""))
+        if "bool" not in dtype:
+            return value.item()
+    return value
+
+
 def check_int(name: str, value, minimum: int | None = None) -> int:
-    """An int (numpy ints too, never a bool) of at least `minimum`, returned as a Python int."""
+    """An int (numpy ints and 0-d integer tensors too, never a bool) of at least `minimum`, as a Python int."""
+    value = _scalar(value)
     if not isinstance(value, Integral) or isinstance(value, bool):
         raise TypeError(f"`{name}` must be an int, got {type(value).__name__}: {value!r}")
     if minimum is not None and value < minimum:
@@ -65,7 +75,8 @@ def check_bool(name: str, value) -> bool:
 
 
 def check_float(name: str, value, minimum: float | None = None, maximum: float | None = None) -> float:
-    """A finite real number within `[minimum, maximum]`, returned as a Python float."""
+    """A finite real number (0-d tensors too) within `[minimum, maximum]`, returned as a Python float."""
+    value = _scalar(value)
     if not isinstance(value, Real) or isinstance(value, bool):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__}: {value!r}")
     value = float(value)

@@ -29,8 +29,10 @@ def create_dataloader(dataset: Dataset, **kwargs) -> DataLoader:
 def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> float:
     """Share of a padded batch that is padding: wasted / total, where a batch of `k` samples
     costs `k * max length in the batch` tokens. 0.0 for no batches or no tokens."""
+    lengths = lengths.tolist() if hasattr(lengths, "tolist") else lengths
     total = wasted = 0
     for batch in batches:
+        batch = batch.tolist() if hasattr(batch, "tolist") else batch
         for index in batch:
             if not isinstance(index, Integral) or not 0 <= index < len(lengths):
                 raise ValueError(f"`batches` hold sample indices in [0, {len(lengths)}) (one length each in `lengths`), got {index!r}")
@@ -322,6 +324,7 @@ def pack_samples(lengths: Sequence[int], max_length: int, keep_order: bool = Tru
     """
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
         raise ValueError(f"`max_length` must be a positive int, got {max_length!r}")
+    lengths = lengths.tolist() if hasattr(lengths, "tolist") else lengths
     for length in lengths:
         if not isinstance(length, Integral) or isinstance(length, bool) or length < 0:
             raise ValueError(f"`lengths` must be ints >= 0, got {length!r}")

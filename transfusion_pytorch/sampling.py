@@ -12,6 +12,7 @@ Without the cache every step re-runs the whole sequence; both give the same samp
 from __future__ import annotations
 
 from collections.abc import Callable
+from numbers import Integral
 from typing import TYPE_CHECKING
 
 import torch
@@ -78,16 +79,16 @@ def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature:
     if prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f"`prompt` must have shape (batch >= 1, prompt_len >= 1), got {tuple(prompt.shape)}")
     seq_len = check_int("seq_len", seq_len)
-    if seq_len <= prompt.shape[1]:
-        raise ValueError(f"`seq_len` counts the prompt: it must exceed the prompt length {prompt.shape[1]} to generate anything, got {seq_len}")
     temperature = check_float("temperature", temperature, 0.0)
     min_p = check_float("min_p", min_p, 0.0, 1.0)
 
     prompt = prompt.to(model.device)
     batch, prompt_len = prompt.shape
-    num_new = seq_len - prompt_len
+    num_new = max(0, seq_len - prompt_len)  # `seq_len` counts the prompt; a prompt that long already gets nothing new, as in 0.12
+    if num_new == 0:
+        return prompt[:, :0]
 
-    cache = model.transformer.new_cache(batch, capacity=prompt_len + num_new, device=model.device)
+    cache = model.transformer.new_cache(batch, capacity=prompt_len + num_new, device=model.device, dtype=model.dtype)
     positions = torch.arange(prompt_len, device=model.device).expand(batch, prompt_len)
     logits = text_step(model, prompt, positions, cache)
 
@@ -120,8 +121,7 @@ def generate_modality(
     with one shape per item (multi-resolution): then a list of tensors comes back."""
     modality_type = model.check_modality_type(modality_type)
     cfg_scale = model.check_cfg_scale(cfg_scale)
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
     modality_steps = check_int("modality_steps", modality_steps, 2)
     check_bool("return_unprocessed_modalities", return_unprocessed_modalities)
     spec = model.spec(modality_type)
@@ -165,16 +165,18 @@ def generate_modality(
     return out if per_item else torch.stack(out)
 
 
-def check_shape_form(shape, name: str) -> None:
-    if not isinstance(shape, tuple) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+def check_shape_form(shape, name: str) -> tuple[int, ...]:
+    """A tuple (or `torch.Size`) of positive ints, numpy ints included, as a tuple of Python ints."""
+    if not isinstance(shape, tuple) or not all(isinstance(s, Integral) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ValueError(f"`{name}` must be a tuple of positive ints, got {shape!r}")
+    return tuple(int(s) for s in shape)
 
 
 def check_shape(model: Transfusion, modality_type: int, shape, name: str) -> tuple[int, ...]:
     spec = model.spec(modality_type)
     if shape is None:
         raise ValueError(f"`{name}` is needed for modality {modality_type}: it has no `modality_default_shape`")
-    check_shape_form(shape, name)
+    shape = check_shape_form(shape, name)
     if exists(spec.num_dim) and len(shape) != spec.num_dim:
         raise ValueError(f"`{name}` {shape} has {len(shape)} axes, modality {modality_type} has {spec.num_dim}")
     return shape
@@ -195,7 +197,7 @@ class _Stream:
         # with guidance the cache has a second row for the unconditional pass of each ODE step;
         # everything else (prefill, text, committing a modality) uses the conditional row
         guided = cfg_scale != 1.0
-        self.full_cache: KVCache | None = model.transformer.new_cache(2 if guided else 1, device=model.device) if cache_kv else None
+        self.full_cache: KVCache | None = model.transformer.new_cache(2 if guided else 1, device=model.device, dtype=model.dtype) if cache_kv else None
         self.cache = self.full_cache.rows(slice(0, 1)) if guided and cache_kv else self.full_cache
         self.pending: list[Tensor | int] = []  # segments not yet in the cache
         self.next_position = 0
@@ -288,7 +290,7 @@ class _Stream:
         """
         model, cache = self.model, self.full_cache
         heads = model.modality_heads[modality_type]
-        (tokens,), (token_shape,) = heads.to_model_tokens([latent])
+        (tokens,), (token_shape,) = heads.to_model_tokens([latent.to(self.model.dtype)])
         row = torch.cat((model.null_embed[None].to(tokens.dtype), tokens))
         length, prefix = row.shape[0], cache.length
         device = model.device
@@ -314,7 +316,7 @@ class _Stream:
     def _cached_modality_pass(self, modality_type: int, latent: Tensor, t: Tensor, commit: bool) -> Tensor:
         model, cache = self.model, self.cache
         heads = model.modality_heads[modality_type]
-        (tokens,), (token_shape,) = heads.to_model_tokens([latent])
+        (tokens,), (token_shape,) = heads.to_model_tokens([latent.to(self.model.dtype)])
         length = tokens.shape[0]
         embed = model.transformer(
             tokens[None],
@@ -343,15 +345,15 @@ def sample_interleaved(
     cfg_scale: float = 1.0,
 ) -> list:
     cfg_scale = model.check_cfg_scale(cfg_scale)
-    if not isinstance(max_length, int) or max_length <= 0:
-        raise ValueError(f"`max_length` must be a positive int, got {max_length!r}")
+    max_length = check_int("max_length", max_length, 1)
     text_temperature = check_float("text_temperature", text_temperature, 0.0)
     text_min_p = check_float("text_min_p", text_min_p, 0.0, 1.0)
     modality_steps = check_int("modality_steps", modality_steps, 2)
     check_bool("cache_kv", cache_kv)
     check_bool("return_unprocessed_modalities", return_unprocessed_modalities)
-    if exists(fixed_modality_shape):
-        check_shape_form(fixed_modality_shape, "fixed_modality_shape")
+    if exists(fixed_modality_shape):  # one shape for every modality the sample opens (a list is taken as that shape)
+        shape = tuple(fixed_modality_shape) if isinstance(fixed_modality_shape, list) else fixed_modality_shape
+        fixed_modality_shape = check_shape_form(shape, "fixed_modality_shape")
     if exists(init_modality_noise):
         if not torch.is_tensor(init_modality_noise) or not init_modality_noise.is_floating_point() or init_modality_noise.ndim != 2:
             raise ValueError("`init_modality_noise` must be a float tensor of shape (tokens, dim_latent)")

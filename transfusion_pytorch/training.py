@@ -55,8 +55,10 @@ class Precision:
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, max_grad_norm: float | None = None) -> torch.Tensor:
         """backward → (unscale) → clip → optimizer step → zero grads; returns the gradient norm."""
-        if exists(max_grad_norm):
+        if exists(max_grad_norm) and not max_grad_norm == float("inf"):  # inf: measure the norm, clip nothing
             check_float("max_grad_norm", max_grad_norm, 0.0)
+            if max_grad_norm == 0:
+                raise ValueError("`max_grad_norm` must be > 0 (0 would zero every gradient); use None or inf for no clipping")
         parameters = [p for p in parameters if p.requires_grad]
         if exists(self.scaler):
             self.scaler.scale(loss).backward()

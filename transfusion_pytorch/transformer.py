@@ -278,7 +278,8 @@ class Transformer(Module):
         instance_times: (m,) flow time of each instance (conditions only that instance's tokens)
         cache: keys / values of earlier tokens; the new ones are written, not committed
         """
-        instance_cond = self.time_embed(instance_times) if exists(instance_times) and instance_times.numel() > 0 else None
+        has_instances = exists(instance_times) and instance_times.numel() > 0
+        instance_cond = self.time_embed(instance_times.to(tokens.dtype)) if has_instances else None  # times come fp32
         modulation = Modulation(token_instance if exists(instance_cond) else None)
         rotary = self.rotary(positions)
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
 from ._typing import Int, typecheck
-from ._utils import check_bool, check_float, default, eval_mode, exists, per_modality
+from ._utils import check_bool, check_float, check_int, default, eval_mode, exists, per_modality
 from .attention import AttentionMask, KVCache
 from .data import pack_samples
 from .flow import default_times_fn, noise_path, predicted_data, velocity_target
@@ -303,8 +303,7 @@ class Transfusion(Module):
             if self.num_modalities > 1:
                 raise ValueError(f"`{name}` must be given when the model has {self.num_modalities} modalities")
             return 0
-        if not isinstance(modality_type, int) or isinstance(modality_type, bool):
-            raise TypeError(f"`{name}` must be an int, got {type(modality_type).__name__}")
+        modality_type = check_int(name, modality_type)
         if not 0 <= modality_type < self.num_modalities:
             raise ValueError(f"`{name}` must be in [0, {self.num_modalities}), got {modality_type}")
         return modality_type
@@ -488,7 +487,7 @@ class Transfusion(Module):
         shapes: list = [None] * len(latents)
         for k in set(types):
             indices = [i for i, t in enumerate(types) if t == k]
-            toks, token_shapes = self.modality_heads[k].to_model_tokens([latents[i] for i in indices])
+            toks, token_shapes = self.modality_heads[k].to_model_tokens([latents[i].to(self.dtype) for i in indices])  # ODE states are fp32
             for i, tok, shape in zip(indices, toks, token_shapes):
                 tokens[i], shapes[i] = tok, shape
         if unconditional is not None:
@@ -598,9 +597,7 @@ class Transfusion(Module):
                 raise ValueError(f"`modalities` text batch must have shape (batch, seq) with batch >= 1, got {tuple(modalities.shape)}")
             if return_loss and modalities.shape[1] < 2:
                 raise ValueError(f"`modalities` text batch needs seq >= 2 for a next-token loss, got shape {tuple(modalities.shape)}")
-            for name, value in (("times", times), ("num_modalities_to_times_fn", num_modalities_to_times_fn), ("velocity_consistency_ema_model", ema_model)):
-                if exists(value):
-                    raise ValueError(f"`{name}` has no meaning for a text-only batch (an int tensor)")
+            # `times`, `num_modalities_to_times_fn` and the EMA have nothing to act on here; 0.12 ignored them too
             if pack is not False:
                 raise ValueError("`pack` applies to interleaved batches; a text-only batch has no padding to pack away")
             return self.forward_text(modalities, return_loss=return_loss, return_breakdown=return_breakdown)
@@ -673,13 +670,12 @@ class Transfusion(Module):
         if not _is_float_tensor(times) or times.ndim != 2 or times.shape[0] != batch or times.shape[1] < max_count:
             got = tuple(times.shape) if torch.is_tensor(times) else type(times).__name__
             raise ValueError(f"`times` must be a float tensor of shape (batch={batch}, max modalities per sample={max_count}), got {got}")
-        check_times(times)
         seen = [0] * batch
         flat = []
         for row in prepared.row_of:
             flat.append(times[row, seen[row]])
             seen[row] += 1
-        return torch.stack(flat).to(self.device).float() if flat else torch.zeros(0, device=self.device)
+        return check_times(torch.stack(flat)).to(self.device).float() if flat else torch.zeros(0, device=self.device)
 
     def forward_interleaved(
         self,
@@ -850,10 +846,12 @@ class Transfusion(Module):
         if times is None:
             t = torch.rand(len(items), device=self.device)
         else:
-            if not _is_float_tensor(times) or times.shape not in ((len(items),), (len(items), 1)):
+            if not _is_float_tensor(times) or times.ndim not in (1, 2) or times.shape[0] != len(items) or (times.ndim == 2 and times.shape[1] == 0):
                 got = tuple(times.shape) if torch.is_tensor(times) else type(times).__name__
-                raise ValueError(f"`times` must be a float tensor of shape ({len(items)},) or ({len(items)}, 1), got {got}")
-            t = check_times(times.reshape(-1)).to(self.device).float()
+                raise ValueError(
+                    f"`times` must be a float tensor of shape ({len(items)},) or ({len(items)}, m >= 1) (one modality per sample: column 0 is used), got {got}"
+                )
+            t = check_times(times if times.ndim == 1 else times[:, 0]).to(self.device).float()
 
         if not return_loss:
             _, _, velocities = self.predict(rows, prepared.types, prepared.latents, t, full_attention=full)
