@@ -252,10 +252,10 @@ class PackedBatchSampler(_EpochBatchSampler):
     Use as `DataLoader(dataset, batch_sampler=PackedBatchSampler(lengths, pack_length=..., rows=...), collate_fn=collate_fn)`.
 
     `lengths[i]` is what sample `i` costs in tokens (`Transfusion.token_lengths` counts it).
-    Packing within a random batch leaves gaps that nothing in the batch fits; packing over a
-    stream of many samples fills them (the "packing across a stream" of Krell et al. 2021,
-    arXiv 2107.02027). Each epoch (seeded by `seed + epoch`, so every rank builds the same
-    batches):
+    Packing within a random batch leaves gaps that nothing in the batch fits; packing over
+    many samples at once fills them (Krell et al. 2021, arXiv 2107.02027, pack a whole data
+    set offline; here it is redone over windows each epoch, so rows change between epochs).
+    Each epoch (seeded by `seed + epoch`, so every rank builds the same batches):
       1. shuffle the samples (if `shuffle`) and cut them into windows of about
          `window_batches` (50) batches' worth of tokens;
       2. pack each window by first-fit decreasing into rows of at most `pack_length` tokens (a
