@@ -183,6 +183,16 @@ def test_token_lengths_are_the_rows_the_model_builds(monkeypatch):
     assert lengths == [1 + 3 + 5 + 6 + 1 + 1, 1 + 5 + 1 + 1 + 5 + 1]
 
 
+def test_token_lengths_of_a_modality_only_batch(monkeypatch):
+    model = model_2d()
+    items = [randn(4, 6, 8), randn(2, 2, 8), randn(1, 5, 8)]
+    lengths = model.token_lengths(items)
+    assert lengths == [24, 4, 5]
+    layouts = capture_layouts(monkeypatch)
+    model(items, modality_type=0)
+    assert layouts[0].lengths.tolist() == lengths
+
+
 def test_packed_sampler_batches_become_the_planned_rows(monkeypatch):
     torch.manual_seed(0)
     model = model_2d(unconditional_prob=1.0)  # every instance gets a null token: they must not break the planned rows

@@ -458,15 +458,24 @@ class Transfusion(Module):
 
     @torch.no_grad()
     @eval_mode  # counting must not move BatchNorm statistics of U-Net blocks
-    def token_lengths(self, batch: list) -> list[int]:
+    def token_lengths(self, batch: list, modality_type: int | None = None) -> list[int]:
         """Tokens each sample of an interleaved batch takes in a training row: `[sos]`, text,
         `[meta] shape [som]`, modality tokens, `[eom]`, `[eos]`. These are the `lengths` that
         `BucketBatchSampler` and `PackedBatchSampler` want. Modality encoders (and U-Net down
         blocks) run, since they set the token count. Conditioning dropout adds one null token to
         each unconditional instance on top of this; packing plans rows without them, so a
-        packed row may run that many tokens past `pack`."""
+        packed row may run that many tokens past `pack`.
+
+        A modality-only batch (a list of tensors of one modality, with `modality_type=` when the
+        model has several) counts each item's modality tokens: its rows carry nothing else."""
+        modality_only = isinstance(batch, (list, tuple)) and len(batch) > 0 and all(torch.is_tensor(x) for x in batch)
+        if modality_only:
+            modality_type = self.check_modality_type(modality_type)
+            batch = [[(modality_type, x)] for x in batch]
         prepared = self.prepare(batch, "batch")
         tokens, _ = self.instance_tokens(prepared.types, prepared.latents)
+        if modality_only:
+            return [t.shape[0] for t in tokens]
         return self.row_lengths(self.wrap_rows(prepared, add_sos_eos=True), [t.shape[0] for t in tokens])
 
     @classmethod
