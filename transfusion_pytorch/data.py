@@ -45,11 +45,11 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
     return wasted / total if total else 0.0
 
 
-def _check_lengths(lengths) -> list[int]:
+def _check_lengths(lengths, allow_empty: bool = False) -> list[int]:
     lengths = lengths.tolist() if hasattr(lengths, "tolist") else lengths  # tensors, numpy arrays
     if not isinstance(lengths, Sequence) or isinstance(lengths, str):
         raise TypeError(f"`lengths` must be a sequence of ints, got {type(lengths).__name__}")
-    if len(lengths) == 0:
+    if len(lengths) == 0 and not allow_empty:
         raise ValueError("`lengths` is empty: there is nothing to sample")
     for length in lengths:
         if not isinstance(length, Integral) or isinstance(length, bool):
@@ -79,15 +79,14 @@ class _EpochBatchSampler(Sampler[list[int]]):
         if rank >= num_replicas:
             raise ValueError(f"`rank` must be < `num_replicas` ({num_replicas}), got {rank}")
         self.lengths = torch.tensor(lengths, dtype=torch.long)
-        self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self._cache: tuple[int, list[list[int]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the shuffles for `epoch`; call before each epoch (all ranks with the same value)."""
-        check_int("epoch", epoch, 0)
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, 0)
 
     def _all_batches(self) -> list[list[int]]:
         raise NotImplementedError
@@ -286,10 +285,8 @@ class PackedBatchSampler(_EpochBatchSampler):
         rank: int | None = None,
     ):
         lengths = _check_lengths(lengths)
-        check_int("pack_length", pack_length, 1)
-        check_int("rows", rows, 1)
+        self.pack_length, self.rows = check_int("pack_length", pack_length, 1), check_int("rows", rows, 1)
         self._setup(lengths, shuffle, seed, drop_last, num_replicas, rank)
-        self.pack_length, self.rows = int(pack_length), int(rows)
 
     def _all_batches(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -324,10 +321,7 @@ def pack_samples(lengths: Sequence[int], max_length: int, keep_order: bool = Tru
     """
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
         raise ValueError(f"`max_length` must be a positive int, got {max_length!r}")
-    lengths = lengths.tolist() if hasattr(lengths, "tolist") else lengths
-    for length in lengths:
-        if not isinstance(length, Integral) or isinstance(length, bool) or length < 0:
-            raise ValueError(f"`lengths` must be ints >= 0, got {length!r}")
+    lengths = _check_lengths(lengths, allow_empty=True)
     rows: list[list[int]] = []
     room: list[int] = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):

@@ -290,8 +290,7 @@ class _Stream:
         """
         model, cache = self.model, self.full_cache
         heads = model.modality_heads[modality_type]
-        (tokens,), (token_shape,) = heads.to_model_tokens([latent.to(self.model.dtype)])
-        row = torch.cat((model.null_embed[None].to(tokens.dtype), tokens))
+        (row,), (token_shape,) = model.instance_tokens([modality_type], [latent], unconditional=[True])  # null token + modality
         length, prefix = row.shape[0], cache.length
         device = model.device
 
@@ -316,7 +315,7 @@ class _Stream:
     def _cached_modality_pass(self, modality_type: int, latent: Tensor, t: Tensor, commit: bool) -> Tensor:
         model, cache = self.model, self.cache
         heads = model.modality_heads[modality_type]
-        (tokens,), (token_shape,) = heads.to_model_tokens([latent.to(self.model.dtype)])
+        (tokens,), (token_shape,) = model.instance_tokens([modality_type], [latent])
         length = tokens.shape[0]
         embed = model.transformer(
             tokens[None],

@@ -191,7 +191,11 @@ def _set_rng_state(state: dict):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model  # DDP
+    """The module inside a DDP wrapper (or the module itself); anything else is refused."""
+    model = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    return model
 
 
 def save_checkpoint(
@@ -209,8 +213,6 @@ def save_checkpoint(
     strings, bools, None, and lists / tuples / dicts of them, which a weights-only load reads.
     """
     model = _unwrap(model)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("ema", ema)):
         if exists(obj) and not callable(getattr(obj, "state_dict", None)):
             raise TypeError(f"`{name}` must have a `state_dict()`, got {type(obj).__name__}")
@@ -308,8 +310,6 @@ def load_checkpoint(
     names the differing constructor arguments.
     """
     model = _unwrap(model)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     payload = read_checkpoint(path)
     if payload["config"] is not None and hasattr(model, "config"):
         differences = _config_differences(json.loads(payload["config"]), config_to_json(model.config))

@@ -108,8 +108,7 @@ class Transfusion(Module):
         if not isinstance(num_text_tokens, int) or isinstance(num_text_tokens, bool) or num_text_tokens < 0:
             raise ValueError(f"`num_text_tokens` must be an int >= 0, got {num_text_tokens!r}")
 
-        if not isinstance(unconditional_prob, (int, float)) or not 0.0 <= unconditional_prob <= 1.0:
-            raise ValueError(f"`unconditional_prob` must be a probability in [0, 1], got {unconditional_prob!r}")
+        unconditional_prob = check_float("unconditional_prob", unconditional_prob, 0.0, 1.0)
 
         if isinstance(transformer, dict):
             transformer = Transformer(**transformer)
