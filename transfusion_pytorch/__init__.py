@@ -3,11 +3,11 @@ continuous modalities by flow matching, in one interleaved sequence (arXiv 2408.
 
 from transfusion_pytorch.attention import KVCache
 from transfusion_pytorch.data import BucketBatchSampler, PackedBatchSampler, collate_fn, create_dataloader, padding_fraction
+from transfusion_pytorch.helpers import print_modality_sample
 from transfusion_pytorch.layout import default_to_modality_shape_fn
 from transfusion_pytorch.sampling import min_p_filter, top_k_filter
 from transfusion_pytorch.transformer import Transformer
 from transfusion_pytorch.transfusion import LossBreakdown, Transfusion
-from transfusion_pytorch.utils import print_modality_sample
 
 __all__ = [
     "Transfusion",

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import Module
 
 from ._typing import Float, Int, typecheck
-from ._utils import exists
+from .helpers import exists
 
 # rotary positions (RoFormer, arXiv 2104.09864)
 

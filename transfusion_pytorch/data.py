@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ._utils import check_bool, check_int
+from .inputs import check_bool, check_int
 
 
 def collate_fn(data: list) -> list[list]:

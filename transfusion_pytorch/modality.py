@@ -8,6 +8,7 @@ encoder / decoder and U-Net blocks, sampler output).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from axial_positional_embedding import ContinuousAxialPositionalEmbedding
 from torch import Tensor, nn
 from torch.nn import Module
 
-from ._utils import exists
+from .helpers import exists
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class ModalityHeads(Module):
         flat = self.latent_to_model(torch.cat([latent.reshape(-1, latent.shape[-1]) for latent in latents]))
         if exists(self.pos_emb):
             flat = flat + self.position_embeddings(shapes).to(flat.dtype)
-        return list(flat.split([_prod(shape) for shape in shapes])), shapes
+        return list(flat.split([math.prod(shape) for shape in shapes])), shapes
 
     def _unet_to_model_tokens(self, latents: list[Tensor]) -> tuple[list[Tensor], list[tuple[int, ...]]]:
         tokens: list[Tensor | None] = [None] * len(latents)
@@ -134,7 +135,7 @@ class ModalityHeads(Module):
 
     def to_latents(self, tokens: Tensor, token_shapes: list[tuple[int, ...]]) -> list[Tensor]:
         """Model outputs of the instances, concatenated `(sum L, d)` → channel-last latents."""
-        lengths = [_prod(s) for s in token_shapes]
+        lengths = [math.prod(s) for s in token_shapes]
         if not self.has_unet:  # token-wise Linear: one call for every shape
             return [p.reshape(*s, -1) for p, s in zip(self.model_to_latent(tokens).split(lengths), token_shapes)]
 
@@ -145,10 +146,3 @@ class ModalityHeads(Module):
             return to_channel_last(self.model_to_latent(to_channel_first(batch, channel_first, True)), channel_first, True)
 
         return map_grouped(project, pieces)
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out

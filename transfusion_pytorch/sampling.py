@@ -11,6 +11,7 @@ Without the cache every step re-runs the whole sequence; both give the same samp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from numbers import Integral
 from typing import TYPE_CHECKING
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ._utils import check_bool, check_float, check_int, exists
 from .attention import AttentionMask, KVCache
 from .flow import cfg_blend, integrate
+from .helpers import exists
+from .inputs import check_bool, check_float, check_int
 from .masks import causal, dense_mask
 from .modality import to_channel_first
 
@@ -139,7 +141,7 @@ def generate_modality(
     types = [modality_type] * batch_size * copies
     unconditional = [False] * batch_size + [True] * batch_size if guided else None
     full_attention = not guided and len(set(shapes)) == 1  # one instance per row, no padding: no mask
-    sizes = [_prod(shape) * spec.dim_latent for shape in shapes]
+    sizes = [math.prod(shape) * spec.dim_latent for shape in shapes]
     layout = None
 
     def unflatten(flat: Tensor) -> list[Tensor]:
@@ -386,7 +388,7 @@ def sample_interleaved(
 
         spec = model.spec(modality_type)
         shape = modality_shape(model, stream, modality_type, fixed_modality_shape, budget=max_length - length)
-        num_tokens = _prod(shape)
+        num_tokens = math.prod(shape)
         if exists(init_modality_noise):
             if init_modality_noise.shape[0] < num_tokens or init_modality_noise.shape[1] < spec.dim_latent:
                 raise ValueError(f"`init_modality_noise` {tuple(init_modality_noise.shape)} is smaller than ({num_tokens}, {spec.dim_latent}) needed")
@@ -466,7 +468,7 @@ def modality_shape(model: Transfusion, stream: _Stream, modality_type: int, fixe
         text = model.ids.decode_chars(ids[meta_at + 1 :])
         try:
             parsed = tuple(spec.to_shape_fn(text))
-            if all(isinstance(s, int) and s > 0 for s in parsed) and _prod(parsed) <= budget:
+            if all(isinstance(s, int) and s > 0 for s in parsed) and math.prod(parsed) <= budget:
                 shape = parsed
         except (ValueError, TypeError):
             shape = None
@@ -505,10 +507,3 @@ def finish(model: Transfusion, stream: _Stream, unprocessed: bool) -> list:
         else:
             sample.append(segment)
     return sample
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._utils import check_bool, check_float, check_int, exists
+from .helpers import exists
+from .inputs import check_bool, check_float, check_int
 from .layout import default_to_modality_shape_fn
 from .transformer import Transformer
 

@@ -26,8 +26,8 @@ from torch.nn import Module, ModuleList
 from torch.utils.checkpoint import checkpoint
 
 from ._typing import Float, Int, typecheck
-from ._utils import exists
 from .attention import Attention, AttentionMask, KVCache, KVCacheRows, RotaryEmbedding
+from .helpers import exists
 
 
 class TimeEmbedding(Module):

@@ -18,10 +18,11 @@ from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
 from ._typing import Int, typecheck
-from ._utils import check_bool, check_float, check_int, default, eval_mode, exists, per_modality
 from .attention import AttentionMask, KVCache
 from .data import pack_samples
 from .flow import default_times_fn, noise_path, predicted_data, velocity_target
+from .helpers import default, eval_mode, exists, per_modality
+from .inputs import check_bool, check_float, check_int
 from .layout import DOCUMENT_BREAK, Layout, SpecialIds, build_layout, default_to_modality_shape_fn, text_labels
 from .masks import block_mask, dense_mask, transfusion_mask
 from .modality import ModalityHeads, ModalitySpec, map_grouped, to_channel_first, to_channel_last

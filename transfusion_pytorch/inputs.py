@@ -1,52 +1,13 @@
-"""Tiny helpers shared by every module."""
+"""Validation of everything a user hands the library (SPEC §7): one place for it.
+
+Every public entry point calls these; each raises a `ValueError` / `TypeError` whose
+message names the argument, what was expected and what came.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from functools import wraps
 from numbers import Integral, Real
-from typing import Any, TypeVar
-
-T = TypeVar("T")
-
-
-def exists(value) -> bool:
-    return value is not None
-
-
-def default(value, fallback):
-    return value if value is not None else fallback
-
-
-def cast_tuple(value, length: int = 1) -> tuple:
-    return value if isinstance(value, tuple) else (value,) * length
-
-
-def per_modality(value, num_modalities: int, name: str) -> tuple:
-    """One value for every modality, or a tuple with exactly one value per modality."""
-    values = cast_tuple(value, num_modalities)
-    if len(values) != num_modalities:
-        raise ValueError(f"`{name}` must be one value or a tuple of {num_modalities} values (one per modality), got {len(values)}: {value!r}")
-    return values
-
-
-def eval_mode(fn: Callable[..., T]) -> Callable[..., T]:
-    """Run a method with the module in eval mode, restoring the previous mode after."""
-
-    @wraps(fn)
-    def inner(self, *args: Any, **kwargs: Any) -> T:
-        was_training = self.training
-        self.eval()
-        try:
-            return fn(self, *args, **kwargs)
-        finally:
-            self.train(was_training)
-
-    return inner
-
-
-# argument checks: a clear error that names the argument (SPEC §7)
 
 
 def _scalar(value):
