@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn, randint, randn
 
-from conftest import tiny_transformer
+from conftest import randomized, tiny_transformer
 from transfusion_pytorch import Transfusion
-from transfusion_pytorch.flow import cfg_blend
+from transfusion_pytorch.flow import cfg_blend, guided
 from transfusion_pytorch.masks import dense_mask, transfusion_mask
 from transfusion_pytorch.sampling import _Stream, start_prompt
 
@@ -15,11 +15,7 @@ def guided_model(**kwargs):
     kwargs.setdefault("dim_latent", 8)
     kwargs.setdefault("modality_default_shape", (2, 3))
     model = Transfusion(num_text_tokens=16, unconditional_prob=0.3, add_pos_emb=True, transformer=tiny_transformer(), **kwargs)
-    with torch.no_grad():  # wake the zero-initialised gates so conditioning matters
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.3)
-    return model.eval()
+    return randomized(model).eval()  # every weight non-zero, so conditioning and time matter
 
 
 def opened(model, modality_type, shape, text=(3, 4)):
@@ -49,20 +45,35 @@ def test_mask_of_an_unconditional_instance():
     assert torch.equal(mask, expected)
 
 
-def test_cfg_scale_one_is_the_unguided_sample():
+def test_cfg_scale_one_runs_no_unconditional_pass_and_equals_the_blend_at_one():
     model = guided_model()
-    prompt = opened(model, 0, (2, 2))
+    prompt = [randint(0, 16, (5,)), opened(model, 0, (2, 3))]
+    calls = []
+    predict = model.predict
+    model.predict = lambda *args, **kwargs: calls.append(kwargs.get("unconditional")) or predict(*args, **kwargs)
     for cache_kv in (True, False):
-        torch.manual_seed(0)
-        plain = model.sample(prompt=prompt, max_length=12, modality_steps=3, cache_kv=cache_kv)
-        torch.manual_seed(0)
-        guided = model.sample(prompt=prompt, max_length=12, modality_steps=3, cache_kv=cache_kv, cfg_scale=1.0)
-        assert same(plain, guided, atol=0)
-    torch.manual_seed(0)
-    a = model.generate_modality_only(batch_size=2, modality_steps=3)
-    torch.manual_seed(0)
-    b = model.generate_modality_only(batch_size=2, modality_steps=3, cfg_scale=1.0)
-    assert torch.equal(a, b)
+        calls.clear()
+        model.sample(prompt=prompt, max_length=8, modality_steps=3, cache_kv=cache_kv, cfg_scale=1.0)
+        assert calls and all(u is None for u in calls)  # no doubled batch at scale 1
+        calls.clear()
+        model.sample(prompt=prompt, max_length=8, modality_steps=3, cache_kv=cache_kv, cfg_scale=2.0)
+        assert any(u is not None and any(u) for u in calls)
+    del model.predict
+
+    # the conditional half of the doubled batch is exactly the unguided velocity, so the blend at
+    # scale 1 (taken through the guided path) equals no guidance
+    x, t = randn(2, 3, 8), torch.tensor(0.4)
+    for cache_kv in (True, False):
+        with torch.no_grad():
+            stream = _Stream(model, cache_kv=cache_kv, cfg_scale=2.0)
+            start_prompt(model, stream, prompt)
+            if cache_kv:
+                stream.flush()
+            velocity_fn = stream.velocity_fn(0)
+            v_cond, v_uncond = velocity_fn(t, x, True)
+            plain = guided(velocity_fn, 1.0)(t, x)
+        assert torch.allclose(cfg_blend(v_cond, v_uncond, 1.0), plain, atol=1e-5)
+        assert not torch.allclose(v_cond, v_uncond, atol=1e-3)
 
 
 def test_batched_guided_velocity_equals_blend_of_separate_passes():
@@ -73,7 +84,7 @@ def test_batched_guided_velocity_equals_blend_of_separate_passes():
         stream = _Stream(model, cache_kv=True, cfg_scale=scale)
         start_prompt(model, stream, prompt)
         stream.flush()
-        batched = stream.modality_velocity(0, x, t)
+        batched = guided(stream.velocity_fn(0), scale)(t, x)
 
         reference = _Stream(model, cache_kv=False)
         start_prompt(model, reference, prompt)
@@ -87,7 +98,7 @@ def test_batched_guided_velocity_equals_blend_of_separate_passes():
 
         uncached = _Stream(model, cache_kv=False, cfg_scale=scale)
         start_prompt(model, uncached, prompt)
-        uncached_velocity = uncached.modality_velocity(0, x, t)
+        uncached_velocity = guided(uncached.velocity_fn(0), scale)(t, x)
 
     assert not torch.allclose(v_cond, v_uncond, atol=1e-3)  # the prefix matters to the conditional pass
     assert torch.allclose(batched, cfg_blend(v_cond, v_uncond, scale), atol=1e-4)
@@ -148,7 +159,7 @@ def test_guided_sampling_with_1d_2d_3d_and_encoder_decoder(cache_kv):
         torch.manual_seed(0)
         unguided = model.sample(prompt=opened(model, modality_type, shape), max_length=8, modality_steps=3, cache_kv=cache_kv)
         assert not torch.allclose(unguided[1][1], generated)
-    images = model.generate_modality_only(modality_type=1, batch_size=3, modality_steps=3, cfg_scale=2.0)
+    images = model.generate_modality_only(modality_type=1, batch_size=3, modality_steps=3)
     assert images.shape == (3, 3, 2, 2)
 
 
@@ -162,23 +173,25 @@ def test_cached_and_uncached_guided_samples_agree():
     assert same(*samples)
 
 
-def test_guided_generate_modality_only_equals_blend():
+def test_unconditional_copy_leaves_the_conditional_rows_unchanged():
     model = guided_model()
     x, t = randn(2, 2, 3, 8), torch.rand(())
     with torch.no_grad():
-        _, _, v = model.predict([[0], [1], [2], [3]], [0] * 4, [*x, *x], t.expand(4), unconditional=[False, False, True, True])
-        expected = cfg_blend(torch.stack(v[:2]), torch.stack(v[2:]), 4.0)
+        batch = model.with_unconditional_copy([[0], [1]], [0, 0], list(x), t.expand(2), instances=[0, 1])
+        assert batch[4] == [False, False, True, True]
+        _, _, v = model.predict(*batch[:4], unconditional=batch[4])
         cond = model(x, times=t.expand(2), return_loss=False)
-    assert torch.allclose(torch.stack(v[:2]), cond, atol=1e-5)  # padding next to longer rows changes nothing
-    assert not torch.allclose(expected, cond)
+    assert torch.allclose(torch.stack(v[:2]), cond, atol=1e-5)  # padding next to the longer unconditional rows changes nothing
+    assert not torch.allclose(torch.stack(v[2:]), cond, atol=1e-3)
 
 
 def test_bad_guidance_arguments():
     plain = Transfusion(num_text_tokens=4, dim_latent=4, modality_default_shape=(2,), transformer=tiny_transformer())
     with pytest.raises(ValueError, match="cfg_scale.*unconditional_prob"):
         plain.sample(cfg_scale=3.0)
-    with pytest.raises(ValueError, match="cfg_scale.*unconditional_prob"):
-        plain.generate_modality_only(cfg_scale=2.0)
+    for model in (plain, guided_model()):  # unconditional generation: nothing to guide towards
+        with pytest.raises(ValueError, match="cfg_scale.*generate_modality_only.*sample"):
+            model.generate_modality_only(cfg_scale=2.0)
     with pytest.raises(TypeError, match="cfg_scale"):
         guided_model().generate_modality_only(cfg_scale="high")
     with pytest.raises(ValueError, match="unconditional_prob"):

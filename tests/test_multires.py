@@ -9,7 +9,7 @@ import transfusion_pytorch.transfusion as transfusion_module
 from conftest import tiny_transformer
 from transfusion_pytorch import PackedBatchSampler, Transfusion
 from transfusion_pytorch.data import pack_samples
-from transfusion_pytorch.layout import DOCUMENT_BREAK, build_layout
+from transfusion_pytorch.layout import DOCUMENT_BREAK, build_layout, pack_rows
 from transfusion_pytorch.masks import block_mask, transfusion_mask
 
 
@@ -108,8 +108,8 @@ def test_packed_equals_padded_loss_and_gradients():
 
 def test_packing_really_packs_and_restarts_positions():
     rows = [[torch.tensor([1, 2]), 0], [torch.tensor([3])]]
-    assert len(Transfusion.pack_rows(rows, [2], pack_length=0)) == 2  # rows as long as the longest sample (4): no room
-    packed = Transfusion.pack_rows(rows, [2], pack_length=5)
+    assert len(pack_rows(rows, [2], pack_length=0)) == 2  # rows as long as the longest sample (4): no room
+    packed = pack_rows(rows, [2], pack_length=5)
     assert len(packed) == 1 and DOCUMENT_BREAK in packed[0]
     layout = build_layout(packed, [2])
     assert layout.positions[0].tolist() == [0, 1, 2, 2, 0]

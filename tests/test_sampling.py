@@ -103,10 +103,17 @@ def test_shape_fallback_rules():
     assert model.sample(prompt=wrong_axes, max_length=20, modality_steps=2)[1][1].shape == (2, 2, 8)
 
 
-def test_too_large_shape_falls_back_to_default():
+def test_a_shape_past_max_length_ends_the_sample():
     model = two_modality_model()
-    out = model.sample(prompt=opened_modality(model, 0, (99, 99)), max_length=20, modality_steps=2)
-    assert out[1][1].shape == (2, 2, 8)
+    prompt = opened_modality(model, 0, (99, 99))
+    out = model.sample(prompt=prompt, max_length=20, modality_steps=2)
+    assert len(out) == 1 and torch.equal(out[0], torch.cat((torch.tensor([model.sos_id]), prompt, torch.tensor([model.eos_id]))))
+    # the same rule for a fixed shape and the default shape: 4 tokens do not fit in 3, but do in 4
+    for kwargs in (dict(fixed_modality_shape=(2, 2)), dict()):
+        assert len(model.sample(prompt=opened_modality(model, 0, (2, 2)), max_length=3, modality_steps=2, **kwargs)) == 1
+        assert model.sample(prompt=opened_modality(model, 0, (2, 2)), max_length=4, modality_steps=2, **kwargs)[1][1].shape == (2, 2, 8)
+    unreadable = torch.tensor([model.meta_id, model.ids.char_offset + ord("x"), model.som_ids[0]])  # falls back to the default (2, 2)
+    assert model.sample(prompt=unreadable, max_length=3, modality_steps=2)[-1][-1] == model.eos_id
 
 
 def test_generate_text_only_equals_uncached_reference():

@@ -211,8 +211,10 @@ def test_reconstruction_loss_reaches_model():
     loss.backward()
     assert breakdown.recon is not None and breakdown.recon[0] > 0
     assert model.modality_heads[0].model_to_latent.weight.grad.abs().sum() > 0
-    assert decoder not in model.parameters_without_encoder_decoder()
-    assert decoder.weight not in model.parameters_without_encoder_decoder()
+    trainable = model.parameters_without_encoder_decoder()
+    assert isinstance(trainable, list)  # a fixed order (an optimizer state resumes onto the right tensors)
+    assert not any(p is decoder.weight or p is decoder.bias for p in trainable)
+    assert any(p is model.modality_heads[0].model_to_latent.weight for p in trainable)
 
 
 def test_public_ids_and_old_import_path():
@@ -289,5 +291,5 @@ def test_model_in_another_dtype_trains_and_samples(dtype):
     for cache_kv in (True, False):
         sample = model.sample(prompt=prompt, max_length=10, modality_steps=3, cfg_scale=2.0, cache_kv=cache_kv)
         assert sample[1][1].shape == (2, 2, 8) and torch.isfinite(sample[1][1]).all()
-    assert model.generate_modality_only(batch_size=2, modality_steps=3, cfg_scale=2.0).shape == (2, 2, 2, 8)
+    assert model.generate_modality_only(batch_size=2, modality_steps=3).shape == (2, 2, 2, 8)
     assert model.generate_text_only(randint(0, 16, (2, 3)), 6).shape == (2, 3)

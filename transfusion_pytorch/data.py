@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .inputs import check_bool, check_int
+from .inputs import check_bool, check_int, check_lengths
+from .layout import pack_samples  # noqa: F401  (public here since 0.13)
 
 
 def collate_fn(data: list) -> list[list]:
@@ -43,20 +44,6 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
         total += padded
         wasted += padded - sum(batch_lengths)
     return wasted / total if total else 0.0
-
-
-def _check_lengths(lengths, allow_empty: bool = False) -> list[int]:
-    lengths = lengths.tolist() if hasattr(lengths, "tolist") else lengths  # tensors, numpy arrays
-    if not isinstance(lengths, Sequence) or isinstance(lengths, str):
-        raise TypeError(f"`lengths` must be a sequence of ints, got {type(lengths).__name__}")
-    if len(lengths) == 0 and not allow_empty:
-        raise ValueError("`lengths` is empty: there is nothing to sample")
-    for length in lengths:
-        if not isinstance(length, Integral) or isinstance(length, bool):
-            raise TypeError(f"`lengths` must hold ints, got {type(length).__name__}: {length!r}")
-        if not 0 <= length < 2**62:
-            raise ValueError(f"`lengths` must be >= 0 and < 2**62, got {length}")
-    return [int(length) for length in lengths]
 
 
 class _EpochBatchSampler(Sampler[list[int]]):
@@ -170,7 +157,7 @@ class BucketBatchSampler(_EpochBatchSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ):
-        lengths = _check_lengths(lengths)
+        lengths = check_lengths(lengths)
         if (batch_size is None) == (max_tokens is None):
             raise ValueError("give exactly one of `batch_size` and `max_tokens`")
         batch_size, max_tokens, bucket_width = (
@@ -284,7 +271,7 @@ class PackedBatchSampler(_EpochBatchSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
     ):
-        lengths = _check_lengths(lengths)
+        lengths = check_lengths(lengths)
         self.pack_length, self.rows = check_int("pack_length", pack_length, 1), check_int("rows", rows, 1)
         self._setup(lengths, shuffle, seed, drop_last, num_replicas, rank)
 
@@ -305,46 +292,3 @@ class PackedBatchSampler(_EpochBatchSampler):
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
-
-
-def pack_samples(lengths: Sequence[int], max_length: int, keep_order: bool = True) -> list[list[int]]:
-    """Sample indices grouped into rows of at most `max_length` tokens, in few rows.
-
-    Two packings are tried and the one with fewer rows is kept (first-fit decreasing on a tie):
-      - first-fit decreasing: longest first, each into the first row with room;
-      - next-fit in the given order: fill a row until the next sample does not fit. This
-        recovers rows that a sampler has already planned and listed one after the other
-        (`PackedBatchSampler`), and no packing into consecutive runs of the order needs fewer.
-    A sample longer than `max_length` gets a row of its own. With `keep_order=True` (the
-    default), each row lists its samples in input order; otherwise first-fit decreasing rows
-    list them in the order they were placed (longest first), rows in the order they opened.
-    """
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
-        raise ValueError(f"`max_length` must be a positive int, got {max_length!r}")
-    lengths = _check_lengths(lengths, allow_empty=True)
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for row, free in enumerate(room):
-            if lengths[index] <= free:
-                rows[row].append(index)
-                room[row] -= lengths[index]
-                break
-        else:
-            rows.append([index])
-            room.append(max_length - lengths[index])
-    if not keep_order:
-        return rows
-
-    in_order: list[list[int]] = []
-    free = 0
-    for index, length in enumerate(lengths):
-        if in_order and length <= free:
-            in_order[-1].append(index)
-            free -= length
-        else:
-            in_order.append([index])
-            free = max_length - length
-    if len(in_order) < len(rows):
-        return in_order
-    return [sorted(row) for row in rows]

@@ -16,12 +16,14 @@ rows of segments into the padded index tensors the model needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from ._typing import Int
+from .inputs import check_lengths
 
 NUM_CHAR_IDS = 128
 
@@ -96,6 +98,8 @@ class Layout:
     instance_index: (total modality tokens,) flat index `row * n + offset` of every
                     modality token, instances in order, each instance's tokens contiguous
     instance_offsets: per instance (row, offset in row, length)
+    masks:          attention masks built for this layout, kept so that the ODE steps of a
+                    sampler, which reuse one layout, build each mask once
     """
 
     token_ids: Tensor
@@ -105,6 +109,7 @@ class Layout:
     lengths: Tensor
     instance_index: Tensor
     instance_offsets: list[tuple[int, int, int]]
+    masks: dict = field(default_factory=dict, repr=False)
 
     @property
     def batch(self) -> int:
@@ -117,6 +122,11 @@ class Layout:
     @property
     def has_modalities(self) -> bool:
         return len(self.instance_offsets) > 0
+
+    @property
+    def one_instance_per_row(self) -> bool:
+        """Every row is exactly one modality instance, nothing else (a modality-only batch of one shape)."""
+        return len(self.instance_offsets) == self.batch and all(offset == 0 and length == self.seq_len for _, offset, length in self.instance_offsets)
 
 
 def build_layout(rows: list[list[Tensor | int | str]], instance_lengths: list[int], device=None) -> Layout:
@@ -208,3 +218,95 @@ def text_labels(layout: Layout, ignore_index: int) -> Int["b n"]:
         next_docs = torch.cat((layout.document_ids[:, 1:], torch.full_like(layout.document_ids[:, :1], -1)), dim=1)
         keep &= next_docs == layout.document_ids
     return torch.where(keep, next_ids, torch.full_like(next_ids, ignore_index))
+
+
+# ------------------------------------------------------------------ rows of segments: wrapping, lengths, packing
+
+
+def pack_samples(lengths: Sequence[int], max_length: int, keep_order: bool = True) -> list[list[int]]:
+    """Sample indices grouped into rows of at most `max_length` tokens, in few rows.
+
+    Two packings are tried and the one with fewer rows is kept (first-fit decreasing on a tie):
+      - first-fit decreasing: longest first, each into the first row with room;
+      - next-fit in the given order: fill a row until the next sample does not fit. This
+        recovers rows that a sampler has already planned and listed one after the other
+        (`PackedBatchSampler`), and no packing into consecutive runs of the order needs fewer.
+    A sample longer than `max_length` gets a row of its own. With `keep_order=True` (the
+    default), each row lists its samples in input order; otherwise first-fit decreasing rows
+    list them in the order they were placed (longest first), rows in the order they opened.
+    """
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
+        raise ValueError(f"`max_length` must be a positive int, got {max_length!r}")
+    lengths = check_lengths(lengths, allow_empty=True)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for row, free in enumerate(room):
+            if lengths[index] <= free:
+                rows[row].append(index)
+                room[row] -= lengths[index]
+                break
+        else:
+            rows.append([index])
+            room.append(max_length - lengths[index])
+    if not keep_order:
+        return rows
+
+    in_order: list[list[int]] = []
+    free = 0
+    for index, length in enumerate(lengths):
+        if in_order and length <= free:
+            in_order[-1].append(index)
+            free -= length
+        else:
+            in_order.append([index])
+            free = max_length - length
+    if len(in_order) < len(rows):
+        return in_order
+    return [sorted(row) for row in rows]
+
+
+def wrap_rows(
+    rows: list[list[Tensor | int]],
+    instance_shapes: list[tuple[int, tuple[int, ...]]],
+    ids: SpecialIds,
+    add_sos_eos: bool,
+    device=None,
+) -> list[list[Tensor | int]]:
+    """Insert `[meta] shape [som]` / `[eom]` around every instance, and `[sos]` / `[eos]` around
+    each row when `add_sos_eos`. `instance_shapes[i]` is `(modality_type, latent shape)` of instance `i`."""
+
+    def ids_tensor(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    wrapped = []
+    for row in rows:
+        out: list[Tensor | int] = [ids_tensor([ids.sos])] if add_sos_eos else []
+        for segment in row:
+            if isinstance(segment, int):
+                before, after = ids.modality_wrapper(*instance_shapes[segment])
+                out += [ids_tensor(before), segment, ids_tensor(after)]
+            else:
+                out.append(segment)
+        if add_sos_eos:
+            out.append(ids_tensor([ids.eos]))
+        wrapped.append(out)
+    return wrapped
+
+
+def row_lengths(rows: list[list[Tensor | int]], instance_lengths: list[int]) -> list[int]:
+    """Tokens in each row of segments (an instance counts `instance_lengths[i]` tokens)."""
+    return [sum(instance_lengths[s] if isinstance(s, int) else s.shape[0] for s in row) for row in rows]
+
+
+def pack_rows(rows: list[list], instance_lengths: list[int], pack_length: int) -> list[list]:
+    """Sequence packing: several rows (samples) share one row of at most `pack_length` tokens
+    (0: as long as the longest sample), separated by `DOCUMENT_BREAK` (see `pack_samples`)."""
+    lengths = row_lengths(rows, instance_lengths)
+    packed = []
+    for group in pack_samples(lengths, pack_length or max(lengths)):
+        row: list = []
+        for sample in group:
+            row += ([DOCUMENT_BREAK] if row else []) + rows[sample]
+        packed.append(row)
+    return packed

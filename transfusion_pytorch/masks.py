@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from ._typing import Bool, Int, typecheck
+from .attention import AttentionMask
+from .layout import Layout
 
 MaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -138,3 +140,41 @@ def block_mask(mask_fn: MaskFn, batch: int, q_len: int, kv_len: int, device: tor
     from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(mask_fn, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device, BLOCK_SIZE=block_size)
+
+
+def layout_mask(layout: Layout, unconditional: list[bool] | None = None, prefix: int = 0, use_flex: bool = False) -> AttentionMask:
+    """The mask of a `Layout` for the transformer: `transfusion_mask` over its rows, after `prefix`
+    cached tokens (text that every conditional query sees), with `unconditional` instances (CFG).
+
+    Cheap special cases need no tensor: one instance per row and nothing else (full attention),
+    text alone (causal), one new text token after a cache (full). A flex `BlockMask` is built
+    when `use_flex` and there is no cache; SDPA's dense boolean mask otherwise.
+    """
+    any_unconditional = unconditional is not None and any(unconditional)
+    if layout.one_instance_per_row and not (prefix > 0 and any_unconditional):
+        return AttentionMask()
+    if not layout.has_modalities and layout.document_ids is None:
+        if prefix == 0:
+            return AttentionMask(is_causal=True)
+        if layout.seq_len == 1:
+            return AttentionMask()
+    if prefix > 0 and layout.document_ids is not None:
+        raise ValueError("a packed batch cannot follow a KV cache")
+    device = layout.token_ids.device
+
+    def after_prefix(per_token: Tensor, value) -> Tensor:  # the cached tokens count as text, earlier in every row
+        return torch.cat((torch.full((layout.batch, prefix), value, dtype=per_token.dtype, device=device), per_token), dim=1)
+
+    instance_ids = after_prefix(layout.token_instance, -1)
+    flags = is_null = None
+    if any_unconditional:
+        is_null = torch.zeros(layout.batch * layout.seq_len, dtype=torch.bool, device=device)
+        is_null[[row * layout.seq_len + offset for (row, offset, _), u in zip(layout.instance_offsets, unconditional) if u]] = True
+        is_null = after_prefix(is_null.reshape(layout.batch, layout.seq_len), False)
+        flags = torch.tensor(unconditional, dtype=torch.bool, device=device)
+    mask_fn = transfusion_mask(instance_ids, layout.document_ids, unconditional=flags, is_null=is_null)
+
+    kv_len = prefix + layout.seq_len
+    if use_flex and prefix == 0:
+        return AttentionMask(block=block_mask(mask_fn, layout.batch, layout.seq_len, kv_len, device))
+    return AttentionMask(dense=dense_mask(mask_fn, layout.batch, layout.seq_len, kv_len, device, q_offset=prefix))

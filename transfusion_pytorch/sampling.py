@@ -1,35 +1,43 @@
 """Sampling: text decoding, the text ↔ modality state machine, and modality-only generation.
 
-Kept outside the model as small functions (after gpt-fast's `prefill` / `decode_one_token`).
-With a KV cache (`cache_kv=True`), the prompt is computed once; each text token costs
-one token's forward; each ODE step of a modality recomputes only that modality's own
-tokens against the cached prefix (they are written into the cache slots after the
-prefix but not committed), and one last pass at t = 1 commits the clean modality.
-Without the cache every step re-runs the whole sequence; both give the same sample
-(`tests/test_sampling.py`).
+Kept outside the model as small functions (after gpt-fast's `prefill` / `decode_one_token`);
+every forward goes through `Transfusion.predict`, which builds the tokens, the layout and the
+mask, so a sampler never rebuilds them. With a KV cache (`cache_kv=True`) the prompt is
+computed once; each text token costs one token's forward; each ODE step of a modality
+recomputes only that modality's own tokens against the cached prefix (they are written into
+the cache slots after the prefix but not committed), and one last pass at t = 1 commits the
+clean modality. Without the cache every step re-runs the whole sequence; both give the same
+sample (`tests/test_sampling.py`). Guidance is `flow.guided` around a velocity function whose
+conditional and unconditional rows come from `Transfusion.with_unconditional_copy`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from numbers import Integral
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .attention import AttentionMask, KVCache
-from .flow import cfg_blend, integrate
+from .attention import KVCache
+from .flow import guided, integrate
 from .helpers import exists
-from .inputs import check_bool, check_float, check_int
-from .masks import causal, dense_mask
+from .inputs import (
+    check_bool,
+    check_float,
+    check_init_noise,
+    check_int,
+    check_modality_type,
+    check_shape,
+    check_shape_form,
+    check_text,
+    prepare,
+    prompt_items,
+)
 from .modality import to_channel_first
 
 if TYPE_CHECKING:
     from .transfusion import Transfusion
-
-# logit filters, by name
 
 
 def min_p_filter(logits: Tensor, min_p: float = 0.1) -> Tensor:
@@ -38,14 +46,6 @@ def min_p_filter(logits: Tensor, min_p: float = 0.1) -> Tensor:
     probs = logits.softmax(dim=-1)
     limit = min_p * probs.amax(dim=-1, keepdim=True)
     return logits.masked_fill(probs < limit, float("-inf"))
-
-
-def top_k_filter(logits: Tensor, k: int = 50) -> Tensor:
-    kth = logits.topk(min(k, logits.shape[-1]), dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-LOGIT_FILTERS: dict[str, Callable[..., Tensor]] = {"min_p": min_p_filter, "top_k": top_k_filter}
 
 
 def sample_token(logits: Tensor, temperature: float, min_p: float) -> Tensor:
@@ -60,24 +60,28 @@ def sample_token(logits: Tensor, temperature: float, min_p: float) -> Tensor:
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(*probs.shape[:-1], 1)
 
 
+def check_cfg_scale(model: Transfusion, cfg_scale) -> float:
+    cfg_scale = check_float("cfg_scale", cfg_scale)
+    if cfg_scale != 1 and model.unconditional_prob <= 0:
+        raise ValueError(
+            f"`cfg_scale`={cfg_scale} needs a model trained with conditioning dropout (`unconditional_prob` > 0); this one has unconditional_prob=0"
+        )
+    return cfg_scale
+
+
 # text only
 
 
-def text_step(model: Transfusion, ids: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
-    """Feed `(b, l)` text ids after the cached prefix, commit them; logits of the last one `(b, vocab)`."""
-    b, length = ids.shape
-    mask = AttentionMask()
-    if length > 1:
-        mask = AttentionMask(dense=dense_mask(causal, b, length, cache.length + length, ids.device, q_offset=cache.length))
-        if cache.length == 0:
-            mask = AttentionMask(is_causal=True)
-    embed = model.transformer(model.text_embed(ids), positions, mask, cache=cache)
-    cache.commit(length)
+def text_step(model: Transfusion, ids: Tensor, cache: KVCache, position: int) -> Tensor:
+    """Feed `(b, l)` text ids after the cached prefix (positions from `position`), commit them;
+    logits of the last one `(b, vocab)`."""
+    embed, layout, _ = model.predict([[row] for row in ids], [], [], torch.zeros(0, device=ids.device), cache=cache, position_offset=position)
+    cache.commit(layout.seq_len)
     return model.to_text_logits(embed[:, -1])
 
 
 def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature: float = 1.5, min_p: float = 0.1) -> Tensor:
-    prompt = model.check_text(prompt, "prompt")
+    prompt = check_text(prompt, "prompt", model.ids.vocab_size)
     if prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f"`prompt` must have shape (batch >= 1, prompt_len >= 1), got {tuple(prompt.shape)}")
     seq_len = check_int("seq_len", seq_len)
@@ -91,8 +95,7 @@ def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature:
         return prompt[:, :0]
 
     cache = model.transformer.new_cache(batch, capacity=prompt_len + num_new, device=model.device, dtype=model.dtype)
-    positions = torch.arange(prompt_len, device=model.device).expand(batch, prompt_len)
-    logits = text_step(model, prompt, positions, cache)
+    logits = text_step(model, prompt, cache, position=0)
 
     out = []
     for step in range(num_new):
@@ -101,8 +104,7 @@ def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature:
         out.append(token)
         if step == num_new - 1:
             break
-        position = torch.full((batch, 1), prompt_len + step, device=model.device)
-        logits = text_step(model, token, position, cache)
+        logits = text_step(model, token, cache, position=prompt_len + step)
 
     return torch.cat(out, dim=1)
 
@@ -121,8 +123,13 @@ def generate_modality(
 ) -> Tensor | list[Tensor]:
     """A batch of one modality from noise. `fixed_modality_shape` may be one shape, or a list
     with one shape per item (multi-resolution): then a list of tensors comes back."""
-    modality_type = model.check_modality_type(modality_type)
-    cfg_scale = model.check_cfg_scale(cfg_scale)
+    modality_type = check_modality_type(model.num_modalities, modality_type)
+    cfg_scale = check_float("cfg_scale", cfg_scale)
+    if cfg_scale != 1.0:
+        raise ValueError(
+            f"`cfg_scale`={cfg_scale}: `generate_modality_only` draws unconditional samples, so guidance has nothing to blend; "
+            "give a conditioning prompt to `sample` (e.g. text that opens the modality) and guide there"
+        )
     batch_size = check_int("batch_size", batch_size, 1)
     modality_steps = check_int("modality_steps", modality_steps, 2)
     check_bool("return_unprocessed_modalities", return_unprocessed_modalities)
@@ -132,16 +139,11 @@ def generate_modality(
     if per_item and len(fixed_modality_shape) != batch_size:
         raise ValueError(f"`fixed_modality_shape` lists {len(fixed_modality_shape)} shapes for `batch_size`={batch_size}")
     shapes = fixed_modality_shape if per_item else [fixed_modality_shape if exists(fixed_modality_shape) else spec.default_shape] * batch_size
-    shapes = [check_shape(model, modality_type, shape, "fixed_modality_shape") for shape in shapes]
+    shapes = [check_shape(spec, shape, "fixed_modality_shape") for shape in shapes]
 
     # the ODE state is every item's latent, flattened and concatenated (items may differ in shape)
-    guided = cfg_scale != 1.0
-    copies = 2 if guided else 1  # conditional rows, then unconditional rows (null token + modality), one batch
-    rows = [[i] for i in range(batch_size * copies)]
-    types = [modality_type] * batch_size * copies
-    unconditional = [False] * batch_size + [True] * batch_size if guided else None
-    full_attention = not guided and len(set(shapes)) == 1  # one instance per row, no padding: no mask
     sizes = [math.prod(shape) * spec.dim_latent for shape in shapes]
+    rows, types = [[i] for i in range(batch_size)], [modality_type] * batch_size
     layout = None
 
     def unflatten(flat: Tensor) -> list[Tensor]:
@@ -149,13 +151,8 @@ def generate_modality(
 
     def velocity(t: Tensor, flat: Tensor) -> Tensor:
         nonlocal layout
-        times = t.reshape(1).expand(batch_size * copies)
-        _, layout, v = model.predict(rows, types, unflatten(flat) * copies, times, layout=layout, full_attention=full_attention, unconditional=unconditional)
-        v = torch.cat([x.reshape(-1) for x in v]).float()  # the ODE state stays fp32 under autocast
-        if guided:
-            half = v.shape[0] // 2
-            v = cfg_blend(v[:half], v[half:], cfg_scale)
-        return v
+        _, layout, v = model.predict(rows, types, unflatten(flat), t.reshape(1).expand(batch_size), layout=layout)
+        return torch.cat([x.reshape(-1) for x in v]).float()  # the ODE state stays fp32 under autocast
 
     noise = torch.cat([torch.randn((*shape, spec.dim_latent), device=model.device).reshape(-1) for shape in shapes])
     latents = unflatten(integrate(velocity, noise, modality_steps, model.odeint_kwargs))
@@ -165,23 +162,6 @@ def generate_modality(
     else:
         out = model.decode(latents, modality_type)
     return out if per_item else torch.stack(out)
-
-
-def check_shape_form(shape, name: str) -> tuple[int, ...]:
-    """A tuple (or `torch.Size`) of positive ints, numpy ints included, as a tuple of Python ints."""
-    if not isinstance(shape, tuple) or not all(isinstance(s, Integral) and not isinstance(s, bool) and s > 0 for s in shape):
-        raise ValueError(f"`{name}` must be a tuple of positive ints, got {shape!r}")
-    return tuple(int(s) for s in shape)
-
-
-def check_shape(model: Transfusion, modality_type: int, shape, name: str) -> tuple[int, ...]:
-    spec = model.spec(modality_type)
-    if shape is None:
-        raise ValueError(f"`{name}` is needed for modality {modality_type}: it has no `modality_default_shape`")
-    shape = check_shape_form(shape, name)
-    if exists(spec.num_dim) and len(shape) != spec.num_dim:
-        raise ValueError(f"`{name}` {shape} has {len(shape)} axes, modality {modality_type} has {spec.num_dim}")
-    return shape
 
 
 # interleaved
@@ -198,9 +178,9 @@ class _Stream:
         self.latents: list[Tensor] = []
         # with guidance the cache has a second row for the unconditional pass of each ODE step;
         # everything else (prefill, text, committing a modality) uses the conditional row
-        guided = cfg_scale != 1.0
-        self.full_cache: KVCache | None = model.transformer.new_cache(2 if guided else 1, device=model.device, dtype=model.dtype) if cache_kv else None
-        self.cache = self.full_cache.rows(slice(0, 1)) if guided and cache_kv else self.full_cache
+        guided_rows = 2 if cfg_scale != 1.0 else 1
+        self.full_cache: KVCache | None = model.transformer.new_cache(guided_rows, device=model.device, dtype=model.dtype) if cache_kv else None
+        self.cache = self.full_cache.rows(slice(0, 1)) if exists(self.full_cache) and guided_rows == 2 else self.full_cache
         self.pending: list[Tensor | int] = []  # segments not yet in the cache
         self.next_position = 0
 
@@ -229,8 +209,7 @@ class _Stream:
         """Bring the cache up to date with the pending segments; logits of the last token."""
         model, cache = self.model, self.cache
         if cache is None:  # no cache: the whole sequence, every time
-            times = torch.ones(len(self.types), device=model.device)
-            embed, _, _ = model.predict([self.segments], self.types, self.latents, times)
+            embed, _, _ = model.predict([self.segments], self.types, self.latents, torch.ones(len(self.types), device=model.device))
             return model.to_text_logits(embed[0, -1])
 
         if cache.length == 0:  # prefill: the prompt, the only place a modality can be pending
@@ -244,92 +223,56 @@ class _Stream:
             self.pending = []
             return model.to_text_logits(embed[0, -1])
         ids = torch.cat(self.pending)[None]
-        positions = torch.arange(self.next_position, self.next_position + ids.shape[1], device=model.device)[None]
+        logits = text_step(model, ids, cache, self.next_position)[0]
         self.next_position += ids.shape[1]
         self.pending = []
-        return text_step(model, ids, positions, cache)[0]
+        return logits
 
-    def modality_velocity(self, modality_type: int, latent: Tensor, t: Tensor) -> Tensor:
-        """Velocity of the modality being generated, `latent` at time `t`, after the whole stream
-        (guided by `cfg_scale` when it is not 1). The ODE state stays fp32 under autocast."""
-        if exists(self.cache):
-            if self.cfg_scale == 1.0:
-                return self._cached_modality_pass(modality_type, latent, t, commit=False).float()
-            return self._cached_guided_pass(modality_type, latent, t)
-
-        # no cache: the whole sequence; with guidance a second row holds the same sequence with
-        # the new instance unconditional (it sees only its null token and itself)
+    def velocity_fn(self, modality_type: int):
+        """`velocity(t, x, with_unconditional)` of the modality being generated after the whole
+        stream, for `flow.guided`: one forward over the conditional row and, when asked, the
+        unconditional one (the new instance sees only its null token and itself). The ODE state
+        stays fp32 under autocast."""
         model, count = self.model, len(self.types)
-        guided = self.cfg_scale != 1.0
-        rows = [[*self.segments, count]]
-        types, latents = [*self.types, modality_type], [*self.latents, latent]
-        times = torch.ones(count + 1, device=model.device)
-        times[-1] = t
-        unconditional = None
-        if guided:
-            shift = count + 1
-            rows.append([s + shift if isinstance(s, int) else s for s in self.segments] + [2 * count + 1])
-            types, latents, times = types * 2, latents * 2, torch.cat((times, times))
-            unconditional = [False] * (2 * count + 1) + [True]
-        _, _, velocities = model.predict(rows, types, latents, times, unconditional=unconditional)
-        if not guided:
-            return velocities[-1].float()
-        return cfg_blend(velocities[count].float(), velocities[-1].float(), self.cfg_scale)
+        cached = exists(self.cache)
+        layouts: dict[bool, object] = {}  # one layout per kind of pass, reused at every ODE step
+
+        def velocity(t: Tensor, x: Tensor, with_unconditional: bool) -> Tensor:
+            if cached:  # only the new instance, after the cached prefix
+                rows, types, latents, times = [[0]], [modality_type], [x], t.reshape(1)
+            else:
+                rows, types, latents = [[*self.segments, count]], [*self.types, modality_type], [*self.latents, x]
+                times = torch.ones(count + 1, device=model.device)
+                times[-1] = t
+            new = len(types) - 1
+            unconditional = None
+            if with_unconditional:
+                rows, types, latents, times, unconditional = model.with_unconditional_copy(rows, types, latents, times, instances=[new])
+            cache = (self.full_cache if with_unconditional else self.cache) if cached else None
+            _, layouts[with_unconditional], v = model.predict(
+                rows,
+                types,
+                latents,
+                times,
+                layout=layouts.get(with_unconditional),
+                cache=cache,
+                unconditional=unconditional,
+                position_offset=self.next_position if cached else 0,
+            )
+            if with_unconditional:
+                return torch.stack((v[new], v[-1])).float()
+            return v[new].float()
+
+        return velocity
 
     def commit_modality(self, modality_type: int, latent: Tensor):
-        if exists(self.cache):
-            self._cached_modality_pass(modality_type, latent, torch.ones((), device=latent.device), commit=True)
+        if exists(self.cache):  # the clean modality (t = 1) joins the cache
+            _, layout, _ = self.model.predict(
+                [[0]], [modality_type], [latent], torch.ones(1, device=latent.device), cache=self.cache, position_offset=self.next_position
+            )
+            self.cache.commit(layout.seq_len)
             self.next_position += 1
         self.add_instance(modality_type, latent, pending=False)
-
-    def _cached_guided_pass(self, modality_type: int, latent: Tensor, t: Tensor) -> Tensor:
-        """Conditional and unconditional velocity in one batched forward of two rows.
-
-        Row 0 (conditional) sees the cached prefix and the modality; row 1 (unconditional)
-        sees only the null token and the modality, as in training. Both rows carry a leading
-        null token so their lengths match; in row 0 it is masked out (it sees only itself,
-        nothing sees it).
-        """
-        model, cache = self.model, self.full_cache
-        heads = model.modality_heads[modality_type]
-        (row,), (token_shape,) = model.instance_tokens([modality_type], [latent], unconditional=[True])  # null token + modality
-        length, prefix = row.shape[0], cache.length
-        device = model.device
-
-        new = torch.ones(2, length, length, dtype=torch.bool, device=device)
-        new[0, :, 0] = False  # nobody in the conditional row sees its placeholder …
-        new[0, 0, 0] = True  # … which sees only itself
-        seen_prefix = torch.zeros(2, length, prefix, dtype=torch.bool, device=device)
-        seen_prefix[0] = True
-        mask = torch.cat((seen_prefix, new), dim=-1)[:, None]
-
-        embed = model.transformer(
-            torch.stack((row, row)),
-            torch.full((2, length), self.next_position, device=device),
-            AttentionMask(dense=mask),
-            token_instance=torch.zeros((2, length), dtype=torch.long, device=device),
-            instance_times=t.reshape(1).float(),
-            cache=cache,
-        )
-        v_cond, v_uncond = (heads.to_latents(embed[i, 1:], [token_shape])[0].float() for i in range(2))
-        return cfg_blend(v_cond, v_uncond, self.cfg_scale)
-
-    def _cached_modality_pass(self, modality_type: int, latent: Tensor, t: Tensor, commit: bool) -> Tensor:
-        model, cache = self.model, self.cache
-        heads = model.modality_heads[modality_type]
-        (tokens,), (token_shape,) = model.instance_tokens([modality_type], [latent])
-        length = tokens.shape[0]
-        embed = model.transformer(
-            tokens[None],
-            torch.full((1, length), self.next_position, device=model.device),
-            AttentionMask(),
-            token_instance=torch.zeros((1, length), dtype=torch.long, device=model.device),
-            instance_times=t.reshape(1).float(),
-            cache=cache,
-        )
-        if commit:
-            cache.commit(length)
-        return heads.to_latents(embed[0], [token_shape])[0]
 
 
 def sample_interleaved(
@@ -345,7 +288,10 @@ def sample_interleaved(
     return_unprocessed_modalities: bool = False,
     cfg_scale: float = 1.0,
 ) -> list:
-    cfg_scale = model.check_cfg_scale(cfg_scale)
+    """One interleaved sample continuing `prompt`; `max_length` counts the new tokens (text and
+    modality). A modality whose shape would not fit in the tokens left ends the sample: `[eos]`
+    follows its `[som]` and nothing is generated (never a silently different shape)."""
+    cfg_scale = check_cfg_scale(model, cfg_scale)
     max_length = check_int("max_length", max_length, 1)
     text_temperature = check_float("text_temperature", text_temperature, 0.0)
     text_min_p = check_float("text_min_p", text_min_p, 0.0, 1.0)
@@ -355,17 +301,10 @@ def sample_interleaved(
     if exists(fixed_modality_shape):  # one shape for every modality the sample opens (a list is taken as that shape)
         shape = tuple(fixed_modality_shape) if isinstance(fixed_modality_shape, list) else fixed_modality_shape
         fixed_modality_shape = check_shape_form(shape, "fixed_modality_shape")
-    if exists(init_modality_noise):
-        if not torch.is_tensor(init_modality_noise) or not init_modality_noise.is_floating_point() or init_modality_noise.ndim != 2:
-            raise ValueError("`init_modality_noise` must be a float tensor of shape (tokens, dim_latent)")
-        if not bool(init_modality_noise.isfinite().all()):
-            raise ValueError("`init_modality_noise` must be finite (no NaN or inf)")
-        init_modality_noise = init_modality_noise.to(model.dtype)
+    init_modality_noise = check_init_noise(init_modality_noise, model.dtype)
 
     if model.num_text_tokens == 0:  # nothing to write: one modality, as 0.12
-        out = model.generate_modality_only(
-            batch_size=1, modality_steps=modality_steps, return_unprocessed_modalities=return_unprocessed_modalities, cfg_scale=cfg_scale
-        )
+        out = generate_modality(model, batch_size=1, modality_steps=modality_steps, return_unprocessed_modalities=return_unprocessed_modalities)
         return [(0, out[0])]
 
     stream = _Stream(model, cache_kv, cfg_scale)
@@ -387,8 +326,11 @@ def sample_interleaved(
             continue
 
         spec = model.spec(modality_type)
-        shape = modality_shape(model, stream, modality_type, fixed_modality_shape, budget=max_length - length)
+        shape = modality_shape(model, stream, modality_type, fixed_modality_shape)
         num_tokens = math.prod(shape)
+        if num_tokens > max_length - length:  # does not fit: the sample ends here
+            stream.add_text([ids.eos])
+            break
         if exists(init_modality_noise):
             if init_modality_noise.shape[0] < num_tokens or init_modality_noise.shape[1] < spec.dim_latent:
                 raise ValueError(f"`init_modality_noise` {tuple(init_modality_noise.shape)} is smaller than ({num_tokens}, {spec.dim_latent}) needed")
@@ -399,8 +341,7 @@ def sample_interleaved(
         if exists(stream.cache):
             stream.flush()  # the `[meta] shape [som]` tokens join the prefix
 
-        mt = modality_type
-        latent = integrate(lambda t, x: stream.modality_velocity(mt, x, t), noise, modality_steps, model.odeint_kwargs)
+        latent = integrate(guided(stream.velocity_fn(modality_type), cfg_scale), noise, modality_steps, model.odeint_kwargs)
         stream.commit_modality(modality_type, latent)
         stream.add_text([spec.eom_id])
         length += num_tokens
@@ -412,20 +353,8 @@ def sample_interleaved(
 def start_prompt(model: Transfusion, stream: _Stream, prompt):
     """Lay the prompt into the stream: `[sos]`, its text, and its modalities wrapped in
     `[meta] shape [som] … [eom]` unless the text before them already opens them."""
-    if prompt is None:
-        items = []
-    elif torch.is_tensor(prompt) and not prompt.is_floating_point():
-        if prompt.ndim > 1 and prompt.shape[0] != 1:
-            raise ValueError(f"`prompt` text must be one sequence, shape (n,) or (1, n), got {tuple(prompt.shape)}: `sample` writes one sample")
-        items = [prompt.reshape(-1)]
-    elif torch.is_tensor(prompt) or isinstance(prompt, tuple):
-        items = [prompt]
-    elif isinstance(prompt, list):
-        items = prompt
-    else:
-        raise TypeError(f"`prompt` must be a text tensor, a modality tensor, a (type, tensor) tuple or a list, got {type(prompt).__name__}")
-
-    prepared = model.prepare([items], name="prompt") if items else None
+    items = prompt_items(prompt)
+    prepared = prepare(model, [items], name="prompt") if items else None
     segments = prepared.rows[0] if prepared else []
 
     first_is_sos = bool(segments) and not isinstance(segments[0], int) and segments[0].numel() > 0 and int(segments[0][0]) == model.sos_id
@@ -452,14 +381,14 @@ def som_modality(model: Transfusion, stream: _Stream) -> int | None:
     return None
 
 
-def modality_shape(model: Transfusion, stream: _Stream, modality_type: int, fixed_shape, budget: int) -> tuple[int, ...]:
+def modality_shape(model: Transfusion, stream: _Stream, modality_type: int, fixed_shape) -> tuple[int, ...]:
     """The shape to generate: `fixed_shape`, else the one the model wrote after `[meta]`,
     else the modality's default (0.12's rules: an unreadable shape falls back to the
     default; a readable one with the wrong number of axes only with
     `fallback_to_default_shape_if_invalid`)."""
     spec = model.spec(modality_type)
     if exists(fixed_shape):
-        return check_shape(model, modality_type, fixed_shape, "fixed_modality_shape")
+        return check_shape(spec, fixed_shape, "fixed_modality_shape")
 
     ids = stream.last_text_ids()[:-1]  # without the som
     shape = None
@@ -468,13 +397,13 @@ def modality_shape(model: Transfusion, stream: _Stream, modality_type: int, fixe
         text = model.ids.decode_chars(ids[meta_at + 1 :])
         try:
             parsed = tuple(spec.to_shape_fn(text))
-            if all(isinstance(s, int) and s > 0 for s in parsed) and math.prod(parsed) <= budget:
+            if all(isinstance(s, int) and s > 0 for s in parsed):
                 shape = parsed
         except (ValueError, TypeError):
             shape = None
 
     if shape is None:
-        return check_shape(model, modality_type, spec.default_shape, "modality_default_shape")
+        return check_shape(spec, spec.default_shape, "modality_default_shape")
 
     if exists(spec.num_dim) and len(shape) != spec.num_dim:
         if model.fallback_to_default_shape_if_invalid and exists(spec.default_shape):

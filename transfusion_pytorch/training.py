@@ -1,35 +1,45 @@
 """What the example scripts share: mixed precision, checkpoints that resume, logging.
 
-Checkpoints are one file written atomically (a temporary file in the same folder, fsync,
-then `os.replace`), so a crash mid-write never leaves a broken checkpoint behind. They
-hold only tensors and plain Python values and load with `torch.load(weights_only=True)`:
-loading never runs code from the file. The model's constructor arguments travel with it
-as JSON; modules among them (encoders, decoders, U-Net blocks) are recorded by class and
-`get_config()`, and rebuilt only for classes of this package.
+Checkpoints themselves (atomic, weights-only) are `checkpoint.py`; this module re-exports
+them and adds `load_model(path)` for `Transfusion`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import io
 import json
 import os
-import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from .checkpoint import CHECKPOINT_FORMAT, config_to_json, load_checkpoint, model_from_config, read_checkpoint, save_checkpoint
+from .checkpoint import load_model as load_model_of_class
 from .helpers import exists
-from .inputs import check_bool, check_float, check_int
-from .layout import default_to_modality_shape_fn
-from .transformer import Transformer
+from .inputs import check_bool, check_float
+from .transfusion import Transfusion
 
-CHECKPOINT_FORMAT = "transfusion_pytorch.checkpoint/1"
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Precision",
+    "RunLogger",
+    "breakdown_metrics",
+    "config_to_json",
+    "load_checkpoint",
+    "load_model",
+    "make_precision",
+    "model_from_config",
+    "read_checkpoint",
+    "save_checkpoint",
+]
+
+
+def load_model(path: str | os.PathLike, **overrides) -> Transfusion:
+    """The `Transfusion` of a checkpoint, with its weights, ready to sample (`Transfusion.from_checkpoint`)."""
+    return load_model_of_class(path, Transfusion, **overrides)
+
 
 # ------------------------------------------------------------------ mixed precision
 
@@ -88,251 +98,6 @@ def make_precision(use_amp: bool = False, amp_dtype: str = "bf16", device: torch
         raise ValueError("`amp_dtype='fp16'` needs CUDA (with a GradScaler); use 'bf16' on the CPU")
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == "fp16" else None
     return Precision(use_amp=use_amp, dtype=AMP_DTYPES[amp_dtype], device_type=device_type, scaler=scaler)
-
-
-# ------------------------------------------------------------------ config ↔ JSON
-
-
-def _class_path(obj) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def config_to_json(value):
-    """A constructor config → JSON-able data (tuples, Transformers, modules and callables tagged)."""
-    if isinstance(value, Transformer):
-        return {"__transformer__": config_to_json(value.config)}
-    if isinstance(value, nn.Module):
-        get_config = getattr(value, "get_config", None)
-        return {"__module__": _class_path(value), "config": config_to_json(get_config()) if callable(get_config) else None}
-    if value is default_to_modality_shape_fn:
-        return {"__callable__": "default"}
-    if callable(value):
-        return {"__callable__": _class_path(value) if isinstance(value, type) else f"{value.__module__}:{value.__qualname__}"}
-    if isinstance(value, tuple):
-        return {"__tuple__": [config_to_json(v) for v in value]}
-    if isinstance(value, list):
-        return [config_to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): config_to_json(v) for k, v in value.items()}
-    if isinstance(value, torch.dtype):
-        return {"__dtype__": str(value)}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"cannot record {type(value).__name__} in a checkpoint config")
-
-
-def _rebuild(value, name: str, overrides: dict):
-    if isinstance(value, list):
-        return [_rebuild(v, name, overrides) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if "__tuple__" in value:
-        return tuple(_rebuild(v, name, overrides) for v in value["__tuple__"])
-    if "__transformer__" in value:
-        return _rebuild(value["__transformer__"], name, overrides)
-    if "__callable__" in value:
-        if value["__callable__"] == "default":
-            return default_to_modality_shape_fn
-        raise ValueError(f"the checkpoint's `{name}` is a custom function ({value['__callable__']}); pass it to from_checkpoint(..., {name}=...)")
-    if "__module__" in value:
-        path, config = value["__module__"], value["config"]
-        if not path.startswith("transfusion_pytorch.") or config is None:
-            raise ValueError(
-                f"the checkpoint's `{name}` is a {path} module that cannot be rebuilt from its config; pass it to from_checkpoint(..., {name}=...)"
-            )
-        module_name, qualname = path.split(":")
-        cls = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            cls = getattr(cls, part)
-        return cls(**_rebuild(config, name, overrides))
-    if "__dtype__" in value:
-        return getattr(torch, value["__dtype__"].split(".")[-1])
-    return {k: _rebuild(v, f"{name}.{k}" if name else k, overrides) for k, v in value.items()}
-
-
-def model_from_config(config_json: dict, model_class=None, **overrides):
-    """Rebuild a model from its recorded config; `overrides` replace (or supply) arguments."""
-    if model_class is None:
-        from .transfusion import Transfusion as model_class
-    kwargs = {}
-    for name, value in config_json.items():
-        kwargs[name] = overrides[name] if name in overrides else _rebuild(value, name, overrides)
-    return model_class(**kwargs)
-
-
-# ------------------------------------------------------------------ checkpoints
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
-    except ImportError:
-        pass
-    return state
-
-
-def _set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        s = state["numpy"]
-        np.random.set_state(("MT19937", s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["cached"]))
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or the module itself); anything else is refused."""
-    model = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    return model
-
-
-def save_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-    ema: nn.Module | None = None,
-    step: int = 0,
-    extra: dict | None = None,
-) -> Path:
-    """Write everything needed to resume (or to sample) atomically to `path`.
-
-    `extra` holds what else the run wants back (best score, data position): tensors, numbers,
-    strings, bools, None, and lists / tuples / dicts of them, which a weights-only load reads.
-    """
-    model = _unwrap(model)
-    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("ema", ema)):
-        if exists(obj) and not callable(getattr(obj, "state_dict", None)):
-            raise TypeError(f"`{name}` must have a `state_dict()`, got {type(obj).__name__}")
-    step = check_int("step", step, 0)
-    _check_extra(extra)
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"`path` {str(path)!r} is a directory, not a checkpoint file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "config": json.dumps(config_to_json(model.config)) if hasattr(model, "config") else None,
-        "model": model.state_dict(),
-        "step": int(step),
-        "rng": _rng_state(),
-        "optimizer": optimizer.state_dict() if exists(optimizer) else None,
-        "scheduler": scheduler.state_dict() if exists(scheduler) else None,
-        "ema": ema.state_dict() if exists(ema) else None,
-        "extra": extra or {},
-    }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def _check_extra(extra) -> None:
-    """Refuse what `torch.load(weights_only=True)` could not read back, before anything is written."""
-    if extra is None:
-        return
-    if not isinstance(extra, dict):
-        raise TypeError(f"`extra` must be a dict, got {type(extra).__name__}")
-    buffer = io.BytesIO()
-    torch.save(extra, buffer)
-    buffer.seek(0)
-    try:
-        torch.load(buffer, weights_only=True)
-    except Exception as error:
-        raise TypeError(
-            "`extra` must hold only tensors, numbers, strings, bools, None and lists / tuples / dicts of them "
-            f"(a weights-only load must read it back; convert numpy scalars with float() / int(), paths with str()): {error}"
-        ) from None
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint's contents without executing code from it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"`path` {str(path)!r} is not a checkpoint file")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated file or something that is not ours
-        raise ValueError(f"`path` {str(path)!r} is not a readable checkpoint: {error}") from error
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"`path` {str(path)!r} is not a transfusion_pytorch checkpoint")
-    missing = [key for key in ("config", "model", "step", "rng", "optimizer", "scheduler", "ema", "extra") if key not in payload]
-    if missing:
-        raise ValueError(f"checkpoint `path` {str(path)!r} lacks {', '.join(missing)}")
-    if payload["config"] is not None:
-        try:
-            json.loads(payload["config"])
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"checkpoint `path` {str(path)!r} has an unreadable model config: {error}") from None
-    return payload
-
-
-def _config_differences(saved, current, prefix="") -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        if "__module__" in saved and "__module__" in current:  # modules: compare the class only
-            return [] if saved["__module__"] == current["__module__"] else [prefix or "module"]
-        keys = sorted(set(saved) | set(current))
-        return [d for k in keys for d in _config_differences(saved.get(k), current.get(k), f"{prefix}.{k}" if prefix else k)]
-    return [] if saved == current else [f"{prefix}: checkpoint {saved!r} != model {current!r}"]
-
-
-def load_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-    ema: nn.Module | None = None,
-    restore_rng: bool = True,
-) -> dict:
-    """Restore a checkpoint into existing objects; returns `{"step", "extra"}`.
-
-    A checkpoint written for a model of another configuration raises a ValueError that
-    names the differing constructor arguments.
-    """
-    model = _unwrap(model)
-    payload = read_checkpoint(path)
-    if payload["config"] is not None and hasattr(model, "config"):
-        differences = _config_differences(json.loads(payload["config"]), config_to_json(model.config))
-        if differences:
-            raise ValueError(f"checkpoint `path` {str(path)!r} was written for another configuration: " + "; ".join(differences))
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as error:
-        raise ValueError(f"checkpoint `path` {str(path)!r} does not fit the model: {error}") from error
-    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("ema", ema)):
-        if exists(obj):
-            if payload[name] is None:
-                raise ValueError(f"checkpoint `path` {str(path)!r} has no {name} state to restore")
-            if not callable(getattr(obj, "load_state_dict", None)):
-                raise TypeError(f"`{name}` must have a `load_state_dict()`, got {type(obj).__name__}")
-            try:
-                obj.load_state_dict(payload[name])
-            except (RuntimeError, ValueError, KeyError) as error:
-                raise ValueError(f"the {name} state in checkpoint `path` {str(path)!r} does not fit `{name}`: {error}") from error
-    if restore_rng:
-        _set_rng_state(payload["rng"])
-    return {"step": payload["step"], "extra": payload["extra"]}
 
 
 # ------------------------------------------------------------------ logging
