@@ -6,7 +6,7 @@ import torch
 from torch import nn, randint, randn
 
 import transfusion_pytorch.transfusion as transfusion_module
-from conftest import tiny_transformer
+from conftest import randomized, tiny_transformer
 from transfusion_pytorch import PackedBatchSampler, Transfusion
 from transfusion_pytorch.data import pack_samples
 from transfusion_pytorch.layout import DOCUMENT_BREAK, build_layout, pack_rows
@@ -87,7 +87,7 @@ def test_generate_modality_only_one_shape_per_item():
 
 def test_packed_equals_padded_loss_and_gradients():
     torch.manual_seed(0)
-    model = model_2d()
+    model = randomized(model_2d())  # every weight non-zero: a sample seeing another would change the loss
     batch = mixed_batch()
     times = torch.rand(4, 2)
     grads = []
@@ -125,7 +125,7 @@ def test_pack_samples_first_fit_decreasing():
 
 
 def test_packed_flex_forward_matches_sdpa_and_skips_cross_document_blocks():
-    model = model_2d().eval()
+    model = randomized(model_2d()).eval()
     batch = mixed_batch()
     times = torch.rand(4, 2)
     with torch.no_grad(), warnings.catch_warnings():

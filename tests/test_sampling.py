@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import randint, randn
 
-from conftest import make_model
+from conftest import make_model, randomized
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.sampling import min_p_filter, sample_token
 
@@ -16,7 +16,10 @@ def opened_modality(model, modality_type, shape, text=(3,)):
 
 
 def two_modality_model(**kwargs):
-    return make_model(dim_latent=(8, 6), modality_default_shape=((2, 2), (3,)), add_pos_emb=(True, False), **kwargs)
+    """Randomised weights: the time conditioning and gates are non-zero, so what a modality
+    token sees (prefix, time) changes its velocity, and a cached / batched shortcut that got
+    it wrong would show."""
+    return randomized(make_model(dim_latent=(8, 6), modality_default_shape=((2, 2), (3,)), add_pos_emb=(True, False), **kwargs))
 
 
 def assert_same_sample(a, b):
@@ -155,7 +158,7 @@ def test_eos_stops_sampling():
 
 
 def test_batched_modality_velocity_equals_one_by_one():
-    model = make_model(dim_latent=8, modality_default_shape=(2, 3), add_pos_emb=True).eval()
+    model = randomized(make_model(dim_latent=8, modality_default_shape=(2, 3), add_pos_emb=True)).eval()
     x, t = randn(3, 2, 3, 8), torch.rand(3)
     with torch.no_grad():
         batched = model(x, times=t, return_loss=False)
@@ -206,3 +209,42 @@ def test_kv_cache_feeds_each_token_once_and_only_the_modality_per_ode_step():
     generated_text = sum(x.numel() for x in out if torch.is_tensor(x)) - prompt_len
     # one forward per text token after the image ([eom] and every sampled token but the last)
     assert len(fed) - 10 == generated_text - 1
+
+
+def test_generated_modality_depends_on_the_prompt_cached_and_uncached():
+    """Unguided ODE sampling on the KV cache: the same noise after two different prompts gives two
+    different images (the prefix reaches the modality), and cached equals uncached for each."""
+    model = two_modality_model()
+    noise = randn(4, 8)
+    images = []
+    for text in ((3, 4), (9, 1, 2)):
+        prompt = opened_modality(model, 0, (2, 2), text=text)
+        pair = [model.sample(prompt=prompt, max_length=4, init_modality_noise=noise, modality_steps=4, cache_kv=cache_kv)[1][1] for cache_kv in (True, False)]
+        assert torch.allclose(pair[0], pair[1], atol=1e-4)
+        images.append(pair[0])
+    assert not torch.allclose(images[0], images[1], atol=1e-3)
+
+
+def test_adaptive_solver_over_the_flattened_multi_item_state():
+    """dopri5 integrates every item of a multi-resolution batch as one flattened ODE state; each
+    item must come out as if integrated alone (to the solver's tolerance)."""
+    model = randomized(make_model(dim_latent=4, modality_default_shape=(2, 2), add_pos_emb=True, odeint_kwargs=dict(method="dopri5", atol=1e-6, rtol=1e-6)))
+    shapes = [(2, 2), (3, 1), (1, 2)]
+    torch.manual_seed(0)
+    together = model.generate_modality_only(batch_size=3, fixed_modality_shape=shapes, modality_steps=2)
+    torch.manual_seed(0)
+    noises = [randn(*shape, 4) for shape in shapes]  # the same draws, in the same order
+    alone = [_integrate_one(model, noise) for noise in noises]
+    for a, b in zip(together, alone):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(together[0], noises[0], atol=1e-2)  # the flow moved the noise
+
+
+def _integrate_one(model, noise):
+    from transfusion_pytorch.flow import integrate
+
+    def velocity(t, x):  # adaptive steps may look just past t = 1
+        return model.predict([[0]], [0], [x], t.reshape(1))[2][0].float()
+
+    with torch.no_grad():
+        return integrate(velocity, noise, 2, model.odeint_kwargs)

@@ -291,3 +291,40 @@ def test_negative_max_grad_norm():
         make_precision(device="gpu")
     with pytest.raises(TypeError, match="`use_amp`"):
         make_precision(use_amp="yes")
+
+
+def test_optimizer_over_parameters_without_encoder_decoder_resumes_in_another_process(tmp_path):
+    """The AdamW state is saved by parameter position: the trainable list must come in the same
+    order in every process (a `set` of parameters did not), or the moments land on the wrong tensors."""
+    script = f"""
+import os, sys, torch
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_training import batch_for, build
+from transfusion_pytorch.training import save_checkpoint, load_checkpoint
+mode, path, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.manual_seed(0)
+model = build()
+_ = [torch.empty(1000) for _ in range(int(sys.argv[4]))]  # move the allocator: ids differ between processes
+optimizer = torch.optim.AdamW(model.parameters_without_encoder_decoder(), lr=1e-2)
+start = 0
+if mode == "resume":
+    start = load_checkpoint(path, model, optimizer)["step"]
+for step in range(start, start + steps):
+    torch.manual_seed(step)
+    model(batch_for(step)).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+save_checkpoint(path, model, optimizer, step=start + steps)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    split, whole = str(tmp_path / "split.pt"), str(tmp_path / "whole.pt")
+    subprocess.run([sys.executable, "-c", script, "first", split, "3", "0"], env=env | {"PYTHONHASHSEED": "1"}, check=True)
+    subprocess.run([sys.executable, "-c", script, "resume", split, "2", "37"], env=env | {"PYTHONHASHSEED": "2"}, check=True)
+    subprocess.run([sys.executable, "-c", script, "first", whole, "5", "11"], env=env, check=True)
+    resumed = torch.load(split, weights_only=True)["model"]
+    uninterrupted = torch.load(whole, weights_only=True)["model"]
+    for name, value in uninterrupted.items():
+        assert torch.equal(value, resumed[name]), name
+    model = build()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in model.parameters_without_encoder_decoder()] == [n for n, _ in model.named_parameters()]

@@ -115,10 +115,19 @@ def test_times_and_times_fn():
 
     model(batch, num_modalities_to_times_fn=times_fn)
     assert seen["num"] == [2, 1]
-    # t = 1 everywhere: the noised input is the data
-    torch.manual_seed(0)
-    loss_one = model(batch, times=torch.ones(2, 2))
-    assert torch.isfinite(loss_one)
+    # t = 1 everywhere: the network reads the data itself (no noise at all); t = 0: pure noise
+    seen_latents = []
+    predict = model.predict
+    model.predict = lambda rows, types, latents, times, **kwargs: seen_latents.append((latents, times)) or predict(rows, types, latents, times, **kwargs)
+    model(batch, times=torch.ones(2, 2))
+    latents, times = seen_latents[-1]
+    assert torch.equal(times, torch.ones(3))
+    assert all(torch.equal(x, y) for x, y in zip(latents, [batch[0][1], batch[0][2], batch[1][1]]))
+    torch.manual_seed(5)
+    model(batch, times=torch.zeros(2, 2))
+    torch.manual_seed(5)
+    noise = [torch.randn_like(x) for x in (batch[0][1], batch[0][2], batch[1][1])]
+    assert all(torch.equal(x, y) for x, y in zip(seen_latents[-1][0], noise))
 
 
 def test_zero_one_two_three_dim_modalities_with_pos_emb():

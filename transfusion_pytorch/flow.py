@@ -117,6 +117,7 @@ def reconstruction_losses(model: Transfusion, prepared: Prepared, noised: list[T
     return losses
 
 
+@typecheck
 def transfusion_loss(
     model: Transfusion,
     prepared: Prepared,

@@ -7,7 +7,7 @@ message names the argument, what was expected and what came.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from typing import NamedTuple
 
@@ -296,6 +296,7 @@ def check_init_noise(noise, dtype: torch.dtype) -> Tensor | None:
 
 
 def modality_settings(
+    special_ids: Callable,
     dim: int,
     dim_latent,
     channel_first_latent,
@@ -308,8 +309,8 @@ def modality_settings(
     to_modality_shape_fn,
 ) -> list[dict]:
     """`Transfusion`'s per-modality arguments (one value for all, or a tuple with one per modality)
-    → one dict of settings per modality: dim_latent, channel_first, num_dim, default_shape,
-    to_shape_fn, add_pos_emb, encoder, decoder, pre_post."""
+    → per modality, its `ModalitySpec` and the keywords of its `ModalityHeads` (add_pos_emb,
+    encoder, decoder, pre_post)."""
     dim_latents = default(dim_latent, dim)
     dim_latents = dim_latents if isinstance(dim_latents, tuple) else (dim_latents,)
     if len(dim_latents) == 0 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dim_latents):
@@ -350,17 +351,11 @@ def modality_settings(
     else:
         pre_posts = per_modality(pre_post_transformer_enc_dec, num_modalities, "pre_post_transformer_enc_dec")
 
+    ids = special_ids(num_modalities)  # `layout.SpecialIds` for this many modalities
     return [
-        dict(
-            dim_latent=dim_latents[k],
-            channel_first=channel_firsts[k],
-            num_dim=num_dims[k],
-            default_shape=default_shapes[k],
-            to_shape_fn=shape_fns[k],
-            add_pos_emb=add_pos_embs[k],
-            encoder=encoders[k],
-            decoder=decoders[k],
-            pre_post=pre_posts[k],
+        (
+            ModalitySpec(k, dim_latents[k], channel_firsts[k], num_dims[k], default_shapes[k], shape_fns[k], ids.som[k], ids.eom[k]),
+            dict(add_pos_emb=add_pos_embs[k], encoder=encoders[k], decoder=decoders[k], pre_post=pre_posts[k]),
         )
         for k in range(num_modalities)
     ]

@@ -14,6 +14,7 @@ methods; the rest lives beside it:
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,21 +23,12 @@ from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
 from . import sampling
-from ._typing import Float
+from ._typing import Float, typecheck
 from .attention import AttentionMask, KVCache, KVCacheRows
 from .checkpoint import load_model
 from .flow import VELOCITY_CONSISTENCY_DELTA, LossBreakdown, default_times_fn, transfusion_loss
 from .helpers import default, eval_mode, exists
-from .inputs import (
-    batch_kind,
-    check_float,
-    check_modality_type,
-    check_text,
-    instance_times,
-    modality_only_items,
-    modality_settings,
-    prepare,
-)
+from .inputs import batch_kind, check_float, check_modality_type, check_text, instance_times, modality_only_items, modality_settings, prepare
 from .layout import Layout, SpecialIds, build_layout, default_to_modality_shape_fn, pack_rows, row_lengths, text_labels, wrap_rows
 from .masks import layout_mask
 from .modality import ModalityHeads, ModalitySpec, map_grouped, to_channel_first
@@ -94,6 +86,7 @@ class Transfusion(Module):
         dim = self.dim = transformer.dim
 
         settings = modality_settings(
+            partial(SpecialIds, num_text_tokens),
             dim,
             dim_latent,
             channel_first_latent,
@@ -105,35 +98,13 @@ class Transfusion(Module):
             modality_num_dim,
             to_modality_shape_fn,
         )
+        self.modality_heads = ModuleList([ModalityHeads(spec, dim=dim, **heads) for spec, heads in settings])
         num_modalities = self.num_modalities = len(settings)
-        self.dim_latents = tuple(s["dim_latent"] for s in settings)
+        self.dim_latents = tuple(spec.dim_latent for spec, _ in settings)
         self.ids = SpecialIds(num_text_tokens, num_modalities)
         self.num_text_tokens = num_text_tokens
         self.fallback_to_default_shape_if_invalid = fallback_to_default_shape_if_invalid
         self.modality_encoder_decoder_requires_batch_dim = modality_encoder_decoder_requires_batch_dim
-
-        self.modality_heads = ModuleList(
-            [
-                ModalityHeads(
-                    ModalitySpec(
-                        modality_type=k,
-                        dim_latent=s["dim_latent"],
-                        channel_first=s["channel_first"],
-                        num_dim=s["num_dim"],
-                        default_shape=s["default_shape"],
-                        to_shape_fn=s["to_shape_fn"],
-                        som_id=self.ids.som[k],
-                        eom_id=self.ids.eom[k],
-                    ),
-                    dim=dim,
-                    add_pos_emb=s["add_pos_emb"],
-                    encoder=s["encoder"],
-                    decoder=s["decoder"],
-                    pre_post=s["pre_post"],
-                )
-                for k, s in enumerate(settings)
-            ]
-        )
 
         # text embedding and unembedding over the whole vocabulary (text + special + shape chars)
 
@@ -294,6 +265,7 @@ class Transfusion(Module):
         unconditional = [False] * count + [i in dropped for i in range(count)]
         return rows + copy, types * 2, latents * 2, torch.cat((times, times)), unconditional
 
+    @typecheck
     def predict(
         self,
         rows: list[list],
@@ -367,6 +339,7 @@ class Transfusion(Module):
             layout.masks[key] = layout_mask(layout, unconditional, prefix, use_flex)
         return layout.masks[key]
 
+    @typecheck
     def text_loss(self, embed: Float["b n d"], layout: Layout, text_vocab_only: bool = False) -> tuple[Tensor, Tensor]:
         """Next-token cross entropy where this and the next token are text; and how many tokens had a label."""
         labels = text_labels(layout, self.ignore_index)
