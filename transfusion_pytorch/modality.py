@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from axial_positional_embedding import ContinuousAxialPositionalEmbedding
+from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import Module
 
@@ -103,7 +104,7 @@ class ModalityHeads(Module):
         if self.has_unet:
             return self._unet_to_model_tokens(latents)
         shapes = [tuple(latent.shape[:-1]) for latent in latents]
-        flat = self.latent_to_model(torch.cat([latent.reshape(-1, latent.shape[-1]) for latent in latents]))
+        flat = self.latent_to_model(torch.cat([rearrange(latent, "... d -> (...) d") for latent in latents]))
         if exists(self.pos_emb):
             flat = flat + self.position_embeddings(shapes).to(flat.dtype)
         return list(flat.split([math.prod(shape) for shape in shapes])), shapes
@@ -115,7 +116,7 @@ class ModalityHeads(Module):
         for indices, batch in group_by_shape(latents):
             x = to_channel_last(self.latent_to_model(to_channel_first(batch, channel_first, True)), channel_first, True)
             token_shape = tuple(x.shape[1:-1])
-            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            x = rearrange(x, "b ... d -> b (...) d")
             if exists(self.pos_emb):
                 x = x + self.position_embeddings([token_shape])[None].to(x.dtype)
             for i, t in zip(indices, x.unbind(0)):

@@ -17,6 +17,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+from einops import pack, unpack
 from torch import Tensor
 
 from .attention import KVCache
@@ -141,21 +142,18 @@ def generate_modality(
     shapes = fixed_modality_shape if per_item else [fixed_modality_shape if exists(fixed_modality_shape) else spec.default_shape] * batch_size
     shapes = [check_shape(spec, shape, "fixed_modality_shape") for shape in shapes]
 
-    # the ODE state is every item's latent, flattened and concatenated (items may differ in shape)
-    sizes = [math.prod(shape) * spec.dim_latent for shape in shapes]
+    # the ODE state is every item's latent, flattened and packed into one vector (items may
+    # differ in shape), so any torchdiffeq solver, adaptive ones too, integrates them together
     rows, types = [[i] for i in range(batch_size)], [modality_type] * batch_size
+    noise, packed_shapes = pack([torch.randn((*shape, spec.dim_latent), device=model.device) for shape in shapes], "*")
     layout = None
 
-    def unflatten(flat: Tensor) -> list[Tensor]:
-        return [piece.view(*shape, spec.dim_latent) for piece, shape in zip(flat.split(sizes), shapes)]
-
-    def velocity(t: Tensor, flat: Tensor) -> Tensor:
+    def velocity(t: Tensor, state: Tensor) -> Tensor:
         nonlocal layout
-        _, layout, v = model.predict(rows, types, unflatten(flat), t.reshape(1).expand(batch_size), layout=layout)
-        return torch.cat([x.reshape(-1) for x in v]).float()  # the ODE state stays fp32 under autocast
+        _, layout, v = model.predict(rows, types, unpack(state, packed_shapes, "*"), t.reshape(1).expand(batch_size), layout=layout)
+        return pack(v, "*")[0].float()  # the ODE state stays fp32 under autocast
 
-    noise = torch.cat([torch.randn((*shape, spec.dim_latent), device=model.device).reshape(-1) for shape in shapes])
-    latents = unflatten(integrate(velocity, noise, modality_steps, model.odeint_kwargs))
+    latents = unpack(integrate(velocity, noise, modality_steps, model.odeint_kwargs), packed_shapes, "*")
 
     if return_unprocessed_modalities:
         out = [to_channel_first(x, spec.channel_first) for x in latents]

@@ -18,6 +18,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from ema_pytorch import EMA
 from torch import Tensor, nn
 from torch.nn import Module, ModuleList
@@ -298,8 +299,8 @@ class Transfusion(Module):
 
         x = self.text_embed(layout.token_ids.clamp(min=0))
         if layout.has_modalities:
-            b, n, d = x.shape
-            x = x.reshape(b * n, d).index_put((layout.instance_index,), torch.cat(tokens).to(x.dtype)).reshape(b, n, d)
+            flat = rearrange(x, "b n d -> (b n) d").index_put((layout.instance_index,), torch.cat(tokens).to(x.dtype))
+            x = rearrange(flat, "(b n) d -> b n d", b=layout.batch)
 
         prefix = cache.length if exists(cache) else 0
         embed = self.transformer(
@@ -313,7 +314,7 @@ class Transfusion(Module):
 
         velocities: list = [None] * len(types)
         if layout.has_modalities:
-            outputs = embed.reshape(-1, embed.shape[-1])[layout.instance_index]
+            outputs = rearrange(embed, "b n d -> (b n) d")[layout.instance_index]
             per_instance = outputs.split([t.shape[0] for t in tokens])
             if unconditional is not None:  # drop the null token's output
                 per_instance = [p[1:] if u else p for p, u in zip(per_instance, unconditional)]
