@@ -32,11 +32,38 @@ def test_missing_modality_type_with_two_modalities(model):
         model.generate_modality_only()
 
 
-def test_wrong_number_of_axes(model):
-    with pytest.raises(ValueError, match=r"modalities.*3 spatial axes.*expected 2"):
-        model([[randint(0, 16, (3,)), (0, randn(2, 2, 2, 8))]])
-    with pytest.raises(ValueError, match="fixed_modality_shape"):
-        model.generate_modality_only(modality_type=0, fixed_modality_shape=(4,))
+def test_wrong_number_of_axes():
+    """Refused when the user set `modality_num_dim`, or a position embedding needs the axes."""
+    for kwargs in (dict(modality_num_dim=(2, 1)), dict(add_pos_emb=(True, False))):
+        model = make_model(dim_latent=(8, 4), modality_default_shape=((2, 2), (3,)), **kwargs)
+        with pytest.raises(ValueError, match=r"modalities.*3 spatial axes.*expected 2"):
+            model([[randint(0, 16, (3,)), (0, randn(2, 2, 2, 8))]])
+        with pytest.raises(ValueError, match="fixed_modality_shape"):
+            model.generate_modality_only(modality_type=0, fixed_modality_shape=(4,))
+
+
+def test_other_number_of_axes_accepted_as_012_did(model):
+    """`modality_num_dim` only read off `modality_default_shape`, no position embedding: 0.12 took
+    latents of another number of axes, so do we (with a warning)."""
+    with pytest.warns(UserWarning, match="3 spatial axes"):
+        model([[randint(0, 16, (3,)), (0, randn(2, 2, 2, 8))]]).backward()
+    with pytest.warns(UserWarning, match="modality_num_dim"):
+        assert model.generate_modality_only(modality_type=0, fixed_modality_shape=(4,), modality_steps=2).shape == (1, 4, 8)
+
+
+def test_internal_ids_in_text_are_refused(model):
+    ids = model.ids
+    with pytest.raises(ValueError, match=r"modalities\[0\]\[0\].*at position 1, a shape-character id"):
+        model([[torch.tensor([1, ids.char_offset + ord("x")])]])
+    char = ids.char_offset + ord("7")
+    with pytest.raises(ValueError, match=r"modalities\[1\]\[0\].*id \d+ at position 1, a shape-character id"):
+        model([[torch.tensor([1, 2])], [torch.tensor([1, char])]])
+    with pytest.raises(ValueError, match=r"prompt.*shape-character id"):
+        model.sample(prompt=torch.tensor([3, char, ids.som[0]]), max_length=2)
+    with pytest.raises(ValueError, match=r"prompt\[1\].*id"):
+        model.generate_text_only(torch.tensor([[1, 2], [3, ids.char_offset]]), 4)
+    # what a user may write: text, sos / eos / som / eom / meta, and a shape after [meta]
+    model([[torch.tensor([ids.sos, 3, *ids.encode_shape((2, 2)), ids.som[0]]), randn(2, 2, 8), torch.tensor([ids.eom[0], 4, ids.eos])]]).backward()
 
 
 def test_text_id_out_of_range(model):

@@ -7,6 +7,7 @@ message names the argument, what was expected and what came.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from typing import NamedTuple
@@ -109,12 +110,25 @@ def check_shape_form(shape, name: str) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+def _lenient_axes(spec: ModalitySpec, axes: int) -> bool:
+    """0.12 took latents with another number of axes than `modality_default_shape` has, when the
+    user never set `modality_num_dim` and no position embedding needs it: so do we, with a warning."""
+    if spec.strict_num_dim:
+        return False
+    warnings.warn(
+        f"modality {spec.modality_type} got {axes} spatial axes while its `modality_default_shape` {spec.default_shape} has {spec.num_dim}; "
+        "accepted as 0.12 did (set `modality_num_dim` to refuse it)",
+        stacklevel=4,
+    )
+    return True
+
+
 def check_shape(spec: ModalitySpec, shape, name: str) -> tuple[int, ...]:
     """A modality shape for `spec`: a tuple of positive ints with the modality's number of axes."""
     if shape is None:
         raise ValueError(f"`{name}` is needed for modality {spec.modality_type}: it has no `modality_default_shape`")
     shape = check_shape_form(shape, name)
-    if spec.num_dim is not None and len(shape) != spec.num_dim:
+    if spec.num_dim is not None and len(shape) != spec.num_dim and not _lenient_axes(spec, len(shape)):
         raise ValueError(f"`{name}` {shape} has {len(shape)} axes, modality {spec.modality_type} has {spec.num_dim}")
     return shape
 
@@ -144,6 +158,29 @@ def check_text(ids, name: str, limit: int, ignore_index: int | None = None) -> T
     return ids.long()
 
 
+def check_text_ids(ids: Tensor, name: str, special) -> Tensor:
+    """Text of an interleaved sample or prompt: user text ids (`< num_text_tokens`), the special ids
+    a user may write (`sos`, `eos`, `som_k`, `eom_k`, `meta`), and shape characters (digits and
+    commas) only right after a `[meta]`, as in `[meta] "4,4" [som]`. Anything else would train
+    silently into ids the model keeps for itself."""
+    ids = check_text(ids, name, special.vocab_size)
+    values = ids.tolist()
+    allowed = {special.sos, special.eos, special.meta, *special.som, *special.eom}
+    shape_chars = {special.char_offset + ord(c) for c in "0123456789,"}
+    in_shape = False
+    for position, value in enumerate(values):
+        if value < special.num_text_tokens or value in allowed:
+            in_shape = value == special.meta
+            continue
+        if not (in_shape and value in shape_chars):
+            raise ValueError(
+                f"`{name}` has id {value} at position {position}, a shape-character id that is not a digit or comma right after [meta]; "
+                f"text ids must be < num_text_tokens={special.num_text_tokens} "
+                f"or one of sos={special.sos}, eos={special.eos}, som={list(special.som)}, eom={list(special.eom)}, meta={special.meta}"
+            )
+    return ids
+
+
 def to_latent(spec: ModalitySpec, tensor: Tensor, name: str, dtype: torch.dtype) -> Tensor:
     """Validate an encoded modality tensor and move it to channel-last, in the model's dtype."""
     if not is_float_tensor(tensor):
@@ -155,7 +192,7 @@ def to_latent(spec: ModalitySpec, tensor: Tensor, name: str, dtype: torch.dtype)
             f"`{name}` of modality {spec.modality_type} has shape {tuple(tensor.shape)}: expected {spec.dim_latent} "
             f"channels on the {order} axis (dim_latent={spec.dim_latent}, channel_first_latent={spec.channel_first})"
         )
-    if spec.num_dim is not None and tensor.ndim - 1 != spec.num_dim:
+    if spec.num_dim is not None and tensor.ndim - 1 != spec.num_dim and not _lenient_axes(spec, tensor.ndim - 1):
         raise ValueError(
             f"`{name}` of modality {spec.modality_type} has {tensor.ndim - 1} spatial axes (shape {tuple(tensor.shape)}), "
             f"expected {spec.num_dim} (modality_num_dim)"
@@ -209,7 +246,7 @@ def prepare(model, batch, name: str = "modalities", encode: bool = True) -> Prep
             elif is_int_tensor(item):
                 if item.ndim > 1:
                     raise ValueError(f"`{where}` text must be a 1-D tensor of ids, got shape {tuple(item.shape)}")
-                row.append(check_text(item.reshape(-1), where, model.ids.vocab_size).to(model.device))
+                row.append(check_text_ids(item.reshape(-1), where, model.ids).to(model.device))
                 continue
             else:
                 raise TypeError(f"`{where}` must be a LongTensor of text ids, a float modality tensor or a (type, tensor) tuple, got {type(item).__name__}")
@@ -354,7 +391,17 @@ def modality_settings(
     ids = special_ids(num_modalities)  # `layout.SpecialIds` for this many modalities
     return [
         (
-            ModalitySpec(k, dim_latents[k], channel_firsts[k], num_dims[k], default_shapes[k], shape_fns[k], ids.som[k], ids.eom[k]),
+            ModalitySpec(
+                k,
+                dim_latents[k],
+                channel_firsts[k],
+                num_dims[k],
+                default_shapes[k],
+                shape_fns[k],
+                ids.som[k],
+                ids.eom[k],
+                strict_num_dim=modality_num_dim is not None or add_pos_embs[k],
+            ),
             dict(add_pos_emb=add_pos_embs[k], encoder=encoders[k], decoder=decoders[k], pre_post=pre_posts[k]),
         )
         for k in range(num_modalities)

@@ -31,6 +31,9 @@ class ModalitySpec:
     to_shape_fn: Callable[[str], tuple[int, ...]]
     som_id: int
     eom_id: int
+    # False when `num_dim` was only read off `modality_default_shape` and no position embedding
+    # needs it: latents with another number of axes are then accepted, as 0.12 did
+    strict_num_dim: bool = True
 
 
 def to_channel_last(x: Tensor, channel_first: bool, batched: bool = False) -> Tensor:

@@ -32,6 +32,7 @@ from .inputs import (
     check_shape,
     check_shape_form,
     check_text,
+    check_text_ids,
     prepare,
     prompt_items,
 )
@@ -83,6 +84,9 @@ def text_step(model: Transfusion, ids: Tensor, cache: KVCache, position: int) ->
 
 def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature: float = 1.5, min_p: float = 0.1) -> Tensor:
     prompt = check_text(prompt, "prompt", model.ids.vocab_size)
+    if prompt.ndim == 2:
+        for row in range(prompt.shape[0]):
+            check_text_ids(prompt[row], f"prompt[{row}]", model.ids)
     if prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f"`prompt` must have shape (batch >= 1, prompt_len >= 1), got {tuple(prompt.shape)}")
     seq_len = check_int("seq_len", seq_len)
