@@ -159,25 +159,21 @@ def check_text(ids, name: str, limit: int, ignore_index: int | None = None) -> T
 
 
 def check_text_ids(ids: Tensor, name: str, special) -> Tensor:
-    """Text of an interleaved sample or prompt: user text ids (`< num_text_tokens`), the special ids
-    a user may write (`sos`, `eos`, `som_k`, `eom_k`, `meta`), and shape characters (digits and
-    commas) only right after a `[meta]`, as in `[meta] "4,4" [som]`. Anything else would train
-    silently into ids the model keeps for itself."""
+    """Text of a training sample: user text ids (`< num_text_tokens`), the special ids a user may
+    write (`sos`, `eos`, `som_k`, `eom_k`, `meta`), and shape characters only in the shape string
+    right after a `[meta]` (`[meta] "4,4" [som]`). Anything else would train silently into ids
+    the model keeps for itself. (A prompt may hold any id of the vocabulary: a sample the model
+    wrote can be fed back.)"""
     ids = check_text(ids, name, special.vocab_size)
-    values = ids.tolist()
-    allowed = {special.sos, special.eos, special.meta, *special.som, *special.eom}
-    shape_chars = {special.char_offset + ord(c) for c in "0123456789,"}
     in_shape = False
-    for position, value in enumerate(values):
-        if value < special.num_text_tokens or value in allowed:
-            in_shape = value == special.meta
-            continue
-        if not (in_shape and value in shape_chars):
+    for position, value in enumerate(ids.tolist()):
+        if value >= special.char_offset and not in_shape:
             raise ValueError(
-                f"`{name}` has id {value} at position {position}, a shape-character id that is not a digit or comma right after [meta]; "
+                f"`{name}` has id {value} at position {position}, a shape-character id outside a `[meta]` shape string; "
                 f"text ids must be < num_text_tokens={special.num_text_tokens} "
                 f"or one of sos={special.sos}, eos={special.eos}, som={list(special.som)}, eom={list(special.eom)}, meta={special.meta}"
             )
+        in_shape = value == special.meta or (in_shape and value >= special.char_offset)
     return ids
 
 
@@ -218,9 +214,10 @@ class Prepared(NamedTuple):
         return [i for i, t in enumerate(self.types) if t == modality_type]
 
 
-def prepare(model, batch, name: str = "modalities", encode: bool = True) -> Prepared:
+def prepare(model, batch, name: str = "modalities", encode: bool = True, training: bool = True) -> Prepared:
     """Validate an interleaved batch, split it into rows of segments and instances, encode
-    (unless `encode=False`: the modalities are latents already).
+    (unless `encode=False`: the modalities are latents already). Training text is held to
+    `check_text_ids`; a prompt (`training=False`) may hold any id of the vocabulary.
 
     An item is a LongTensor of text ids, a float tensor (modality 0) or `(modality_type, tensor)`.
     """
@@ -246,7 +243,9 @@ def prepare(model, batch, name: str = "modalities", encode: bool = True) -> Prep
             elif is_int_tensor(item):
                 if item.ndim > 1:
                     raise ValueError(f"`{where}` text must be a 1-D tensor of ids, got shape {tuple(item.shape)}")
-                row.append(check_text_ids(item.reshape(-1), where, model.ids).to(model.device))
+                text = item.reshape(-1)
+                text = check_text_ids(text, where, model.ids) if training else check_text(text, where, model.ids.vocab_size)
+                row.append(text.to(model.device))
                 continue
             else:
                 raise TypeError(f"`{where}` must be a LongTensor of text ids, a float modality tensor or a (type, tensor) tuple, got {type(item).__name__}")

@@ -142,18 +142,24 @@ def block_mask(mask_fn: MaskFn, batch: int, q_len: int, kv_len: int, device: tor
     return create_block_mask(mask_fn, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=device, BLOCK_SIZE=block_size)
 
 
-def layout_mask(layout: Layout, unconditional: list[bool] | None = None, prefix: int = 0, use_flex: bool = False) -> AttentionMask:
+def layout_mask(
+    layout: Layout, unconditional: list[bool] | None = None, prefix: int = 0, use_flex: bool = False, prefix_valid: Tensor | None = None
+) -> AttentionMask:
     """The mask of a `Layout` for the transformer: `transfusion_mask` over its rows, after `prefix`
     cached tokens (text that every conditional query sees), with `unconditional` instances (CFG).
+    `prefix_valid (b, prefix)` marks the cached slots each row really holds (rows of a batch of
+    prompts fill the cache unevenly); the others are hidden.
 
     Cheap special cases need no tensor: one instance per row and nothing else (full attention),
     text alone (causal), one new text token after a cache (full). A flex `BlockMask` is built
     when `use_flex` and there is no cache; SDPA's dense boolean mask otherwise.
     """
     any_unconditional = unconditional is not None and any(unconditional)
-    if layout.one_instance_per_row and not (prefix > 0 and any_unconditional):
+    if prefix_valid is not None and bool(prefix_valid.all()):
+        prefix_valid = None
+    if prefix_valid is None and layout.one_instance_per_row and not (prefix > 0 and any_unconditional):
         return AttentionMask()
-    if not layout.has_modalities and layout.document_ids is None:
+    if prefix_valid is None and not layout.has_modalities and layout.document_ids is None:
         if prefix == 0:
             return AttentionMask(is_causal=True)
         if layout.seq_len == 1:
@@ -173,6 +179,9 @@ def layout_mask(layout: Layout, unconditional: list[bool] | None = None, prefix:
         is_null = after_prefix(is_null.reshape(layout.batch, layout.seq_len), False)
         flags = torch.tensor(unconditional, dtype=torch.bool, device=device)
     mask_fn = transfusion_mask(instance_ids, layout.document_ids, unconditional=flags, is_null=is_null)
+    if prefix_valid is not None:
+        holds = torch.cat((prefix_valid.to(device), torch.ones(layout.batch, layout.seq_len, dtype=torch.bool, device=device)), dim=1)
+        mask_fn = and_masks(mask_fn, lambda b, h, q_idx, kv_idx: holds[b, kv_idx])
 
     kv_len = prefix + layout.seq_len
     if use_flex and prefix == 0:

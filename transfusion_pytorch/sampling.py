@@ -14,6 +14,7 @@ conditional and unconditional rows come from `Transfusion.with_unconditional_cop
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +33,6 @@ from .inputs import (
     check_shape,
     check_shape_form,
     check_text,
-    check_text_ids,
     prepare,
     prompt_items,
 )
@@ -84,9 +84,6 @@ def text_step(model: Transfusion, ids: Tensor, cache: KVCache, position: int) ->
 
 def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature: float = 1.5, min_p: float = 0.1) -> Tensor:
     prompt = check_text(prompt, "prompt", model.ids.vocab_size)
-    if prompt.ndim == 2:
-        for row in range(prompt.shape[0]):
-            check_text_ids(prompt[row], f"prompt[{row}]", model.ids)
     if prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f"`prompt` must have shape (batch >= 1, prompt_len >= 1), got {tuple(prompt.shape)}")
     seq_len = check_int("seq_len", seq_len)
@@ -277,49 +274,101 @@ class _Stream:
         self.add_instance(modality_type, latent, pending=False)
 
 
-def sample_interleaved(
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The checked arguments `sample` and `sample_many` share."""
+
+    max_length: int
+    text_temperature: float
+    text_min_p: float
+    modality_steps: int
+    unprocessed: bool
+    cfg_scale: float
+    fixed_shape: tuple[int, ...] | None
+    init_noise: Tensor | None
+    force: tuple[int, tuple[int, ...] | None] | None
+
+
+def sampling_options(
     model: Transfusion,
-    prompt=None,
-    max_length: int = 2048,
-    text_temperature: float = 1.5,
-    text_min_p: float = 0.1,
-    cache_kv: bool = True,
-    fixed_modality_shape: tuple[int, ...] | None = None,
-    init_modality_noise: Tensor | None = None,
-    modality_steps: int = 16,
-    return_unprocessed_modalities: bool = False,
-    cfg_scale: float = 1.0,
-) -> list:
-    """One interleaved sample continuing `prompt`; `max_length` counts the new tokens (text and
-    modality). A modality whose shape would not fit in the tokens left ends the sample: `[eos]`
-    follows its `[som]` and nothing is generated (never a silently different shape)."""
-    cfg_scale = check_cfg_scale(model, cfg_scale)
-    max_length = check_int("max_length", max_length, 1)
-    text_temperature = check_float("text_temperature", text_temperature, 0.0)
-    text_min_p = check_float("text_min_p", text_min_p, 0.0, 1.0)
-    modality_steps = check_int("modality_steps", modality_steps, 2)
-    check_bool("cache_kv", cache_kv)
-    check_bool("return_unprocessed_modalities", return_unprocessed_modalities)
+    max_length,
+    text_temperature,
+    text_min_p,
+    fixed_modality_shape,
+    init_modality_noise,
+    modality_steps,
+    return_unprocessed_modalities,
+    cfg_scale,
+    force_modality_at_start=None,
+) -> SamplingOptions:
     if exists(fixed_modality_shape):  # one shape for every modality the sample opens (a list is taken as that shape)
         shape = tuple(fixed_modality_shape) if isinstance(fixed_modality_shape, list) else fixed_modality_shape
         fixed_modality_shape = check_shape_form(shape, "fixed_modality_shape")
-    init_modality_noise = check_init_noise(init_modality_noise, model.dtype)
+    force = force_modality_at_start
+    if exists(force):
+        if isinstance(force, tuple) and len(force) == 2 and not isinstance(force[1], int):
+            modality_type = check_modality_type(model.num_modalities, force[0], "force_modality_at_start[0]")
+            force = (modality_type, check_shape(model.spec(modality_type), force[1], "force_modality_at_start[1]"))
+        else:
+            force = (check_modality_type(model.num_modalities, force, "force_modality_at_start"), None)
+    return SamplingOptions(
+        max_length=check_int("max_length", max_length, 1),
+        text_temperature=check_float("text_temperature", text_temperature, 0.0),
+        text_min_p=check_float("text_min_p", text_min_p, 0.0, 1.0),
+        modality_steps=check_int("modality_steps", modality_steps, 2),
+        unprocessed=check_bool("return_unprocessed_modalities", return_unprocessed_modalities),
+        cfg_scale=check_cfg_scale(model, cfg_scale),
+        fixed_shape=fixed_modality_shape,
+        init_noise=check_init_noise(init_modality_noise, model.dtype),
+        force=force,
+    )
+
+
+def open_forced_modality(model: Transfusion, stream: _Stream, options: SamplingOptions):
+    """`force_modality_at_start`: write `[meta] shape [som_k]` after the prompt, so sampling starts
+    with that modality (the shape from the tuple, else `fixed_modality_shape`, else the default)."""
+    if options.force is None:
+        return
+    modality_type, shape = options.force
+    if shape is None:
+        shape = check_shape(model.spec(modality_type), options.fixed_shape or model.spec(modality_type).default_shape, "modality_default_shape")
+    stream.add_text(model.ids.modality_wrapper(modality_type, shape)[0])
+
+
+def modality_noise(model: Transfusion, modality_type: int, shape: tuple[int, ...], init_noise: Tensor | None) -> Tensor:
+    """The ODE's starting point: fresh Gaussian noise, or the leading part of `init_modality_noise`."""
+    dim_latent = model.spec(modality_type).dim_latent
+    if init_noise is None:
+        return torch.randn((*shape, dim_latent), device=model.device)
+    num_tokens = math.prod(shape)
+    if init_noise.shape[0] < num_tokens or init_noise.shape[1] < dim_latent:
+        raise ValueError(f"`init_modality_noise` {tuple(init_noise.shape)} is smaller than ({num_tokens}, {dim_latent}) needed")
+    return init_noise[:num_tokens, :dim_latent].reshape(*shape, dim_latent).to(model.device)
+
+
+def sample_interleaved(model: Transfusion, prompt=None, cache_kv: bool = True, **arguments) -> list:
+    """One interleaved sample continuing `prompt`; `max_length` counts the new tokens (text and
+    modality). A modality whose shape would not fit in the tokens left ends the sample: `[eos]`
+    follows its `[som]` and nothing is generated (never a silently different shape)."""
+    options = sampling_options(model, **arguments)
+    check_bool("cache_kv", cache_kv)
 
     if model.num_text_tokens == 0:  # nothing to write: one modality, as 0.12
-        out = generate_modality(model, batch_size=1, modality_steps=modality_steps, return_unprocessed_modalities=return_unprocessed_modalities)
+        out = generate_modality(model, batch_size=1, modality_steps=options.modality_steps, return_unprocessed_modalities=options.unprocessed)
         return [(0, out[0])]
 
-    stream = _Stream(model, cache_kv, cfg_scale)
+    stream = _Stream(model, cache_kv, options.cfg_scale)
     start_prompt(model, stream, prompt)
+    open_forced_modality(model, stream, options)
 
     length = 0
     ids = model.ids
     modality_type = som_modality(model, stream)
 
-    while length < max_length:
+    while length < options.max_length:
         if modality_type is None:
             logits = stream.flush()
-            token = int(sample_token(logits, text_temperature, text_min_p))
+            token = int(sample_token(logits, options.text_temperature, options.text_min_p))
             stream.add_text([token])
             length += 1
             if token == ids.eos:
@@ -327,36 +376,30 @@ def sample_interleaved(
             modality_type = ids.som.index(token) if token in ids.som else None
             continue
 
-        spec = model.spec(modality_type)
-        shape = modality_shape(model, stream, modality_type, fixed_modality_shape)
+        shape = modality_shape(model, stream, modality_type, options.fixed_shape)
         num_tokens = math.prod(shape)
-        if num_tokens > max_length - length:  # does not fit: the sample ends here
+        if num_tokens > options.max_length - length:  # does not fit: the sample ends here
             stream.add_text([ids.eos])
             break
-        if exists(init_modality_noise):
-            if init_modality_noise.shape[0] < num_tokens or init_modality_noise.shape[1] < spec.dim_latent:
-                raise ValueError(f"`init_modality_noise` {tuple(init_modality_noise.shape)} is smaller than ({num_tokens}, {spec.dim_latent}) needed")
-            noise = init_modality_noise[:num_tokens, : spec.dim_latent].reshape(*shape, spec.dim_latent).to(model.device)
-        else:
-            noise = torch.randn((*shape, spec.dim_latent), device=model.device)
+        noise = modality_noise(model, modality_type, shape, options.init_noise)
 
         if exists(stream.cache):
             stream.flush()  # the `[meta] shape [som]` tokens join the prefix
 
-        latent = integrate(guided(stream.velocity_fn(modality_type), cfg_scale), noise, modality_steps, model.odeint_kwargs)
+        latent = integrate(guided(stream.velocity_fn(modality_type), options.cfg_scale), noise, options.modality_steps, model.odeint_kwargs)
         stream.commit_modality(modality_type, latent)
-        stream.add_text([spec.eom_id])
+        stream.add_text([model.spec(modality_type).eom_id])
         length += num_tokens
         modality_type = None
 
-    return finish(model, stream, return_unprocessed_modalities)
+    return finish(model, stream, options.unprocessed)
 
 
 def start_prompt(model: Transfusion, stream: _Stream, prompt):
     """Lay the prompt into the stream: `[sos]`, its text, and its modalities wrapped in
     `[meta] shape [som] … [eom]` unless the text before them already opens them."""
     items = prompt_items(prompt)
-    prepared = prepare(model, [items], name="prompt") if items else None
+    prepared = prepare(model, [items], name="prompt", training=False) if items else None
     segments = prepared.rows[0] if prepared else []
 
     first_is_sos = bool(segments) and not isinstance(segments[0], int) and segments[0].numel() > 0 and int(segments[0][0]) == model.sos_id

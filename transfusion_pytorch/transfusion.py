@@ -33,6 +33,7 @@ from .inputs import batch_kind, check_float, check_modality_type, check_text, in
 from .layout import Layout, SpecialIds, build_layout, default_to_modality_shape_fn, pack_rows, row_lengths, text_labels, wrap_rows
 from .masks import layout_mask
 from .modality import ModalityHeads, ModalitySpec, map_grouped, to_channel_first
+from .sample_many import sample_many
 from .transformer import Transformer
 
 __all__ = ["Transfusion", "LossBreakdown"]
@@ -136,26 +137,11 @@ class Transfusion(Module):
         self.odeint_kwargs = dict(default(odeint_kwargs, dict(atol=1e-5, rtol=1e-5, method="midpoint")))
 
     # public ids (0.12 names)
-
-    @property
-    def sos_id(self) -> int:
-        return self.ids.sos
-
-    @property
-    def eos_id(self) -> int:
-        return self.ids.eos
-
-    @property
-    def meta_id(self) -> int:
-        return self.ids.meta
-
-    @property
-    def som_ids(self) -> list[int]:
-        return list(self.ids.som)
-
-    @property
-    def eom_ids(self) -> list[int]:
-        return list(self.ids.eom)
+    sos_id = property(lambda self: self.ids.sos)
+    eos_id = property(lambda self: self.ids.eos)
+    meta_id = property(lambda self: self.ids.meta)
+    som_ids = property(lambda self: list(self.ids.som))
+    eom_ids = property(lambda self: list(self.ids.eom))
 
     @property
     def device(self) -> torch.device:
@@ -277,13 +263,15 @@ class Transfusion(Module):
         cache: KVCache | KVCacheRows | None = None,
         unconditional: list[bool] | None = None,
         pack_length: int | None = None,
-        position_offset: int = 0,
+        position_offset: int | Tensor = 0,
+        prefix_valid: Tensor | None = None,
     ) -> tuple[Float["b n d"], Layout, list[Tensor]]:
         """Run the network on rows of segments with noised latents at `times` (one per instance).
 
         layout: reuse the layout (and its masks) of an earlier call on rows of the same shape
         cache: the new tokens follow the cached ones (written into the cache, not committed);
-            their positions start at `position_offset`
+            their positions start at `position_offset` (an int, or `(b, 1)` per row)
+        prefix_valid: `(b, cache length)`, the cached slots each row holds (batched prompts)
         unconditional: instances that see only themselves and the null token (CFG)
         pack_length: pack the rows into rows of this many tokens (sequence packing)
         Returns the final hidden states `(b, n, d)`, the layout, and the predicted velocity
@@ -306,7 +294,7 @@ class Transfusion(Module):
         embed = self.transformer(
             x,
             layout.positions + position_offset,
-            self.attention_mask(layout, unconditional, prefix),
+            self.attention_mask(layout, unconditional, prefix, prefix_valid),
             token_instance=layout.token_instance if layout.has_modalities else None,
             instance_times=times.float() if layout.has_modalities else None,
             cache=cache,
@@ -326,18 +314,19 @@ class Transfusion(Module):
 
         return embed, layout, velocities
 
-    def attention_mask(self, layout: Layout, unconditional: list[bool] | None = None, prefix: int = 0) -> AttentionMask:
+    def attention_mask(self, layout: Layout, unconditional: list[bool] | None = None, prefix: int = 0, prefix_valid: Tensor | None = None) -> AttentionMask:
         """The Transfusion mask of a layout (`masks.transfusion_mask`), after `prefix` cached tokens
-        that every conditional query sees; built once per layout and kept with it."""
+        that every conditional query sees (those of `prefix_valid`, per row, when given); built once
+        per layout and kept with it (a layout is reused only over one ODE solve, with one `prefix_valid`)."""
         backend = self.attention_backend
         if backend not in ("auto", "flex", "sdpa"):
             raise ValueError(f"`attention_backend` must be 'auto', 'flex' or 'sdpa', got {backend!r}")
         # flex has no dropout: a training step with attention dropout goes through SDPA
         dropout = self.training and self.transformer.config.get("dropout", 0.0) > 0
         use_flex = not dropout and (backend == "flex" or (backend == "auto" and self.transformer.use_flex_attn and self.device.type == "cuda"))
-        key = (None if unconditional is None else tuple(unconditional), prefix, use_flex)
+        key = (None if unconditional is None else tuple(unconditional), prefix, use_flex, id(prefix_valid))
         if key not in layout.masks:
-            layout.masks[key] = layout_mask(layout, unconditional, prefix, use_flex)
+            layout.masks[key] = layout_mask(layout, unconditional, prefix, use_flex, prefix_valid)
         return layout.masks[key]
 
     @typecheck
@@ -448,22 +437,34 @@ class Transfusion(Module):
         modality_steps: int = 16,
         return_unprocessed_modalities: bool = False,
         cfg_scale: float = 1.0,
+        force_modality_at_start: int | tuple | None = None,
     ) -> list:
         """Continue `prompt` (text, a modality, `(type, tensor)` or an interleaved list) into one
-        interleaved sample: text tensors and `(modality_type, tensor)` tuples."""
-        return sampling.sample_interleaved(
-            self,
-            prompt=prompt,
-            max_length=max_length,
-            text_temperature=text_temperature,
-            text_min_p=text_min_p,
-            cache_kv=cache_kv,
-            fixed_modality_shape=fixed_modality_shape,
-            init_modality_noise=init_modality_noise,
-            modality_steps=modality_steps,
-            return_unprocessed_modalities=return_unprocessed_modalities,
-            cfg_scale=cfg_scale,
-        )
+        interleaved sample: text tensors and `(modality_type, tensor)` tuples. `force_modality_at_start`
+        (`k` or `(k, shape)`) starts with modality `k` instead of decoding text first."""
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "prompt", "cache_kv", "__class__")}
+        return sampling.sample_interleaved(self, prompt, cache_kv, **arguments)
+
+    @torch.no_grad()
+    @eval_mode
+    def sample_many(
+        self,
+        prompts: list,
+        max_length: int = 2048,
+        text_temperature: float = 1.5,
+        text_min_p: float = 0.1,
+        fixed_modality_shape: tuple[int, ...] | None = None,
+        force_modality_at_start: int | tuple | None = None,
+        init_modality_noise: Tensor | list | None = None,
+        modality_steps: int = 16,
+        return_unprocessed_modalities: bool = False,
+        cfg_scale: float = 1.0,
+    ) -> list[list]:
+        """One interleaved sample per prompt (each as `sample` takes it), decoded together: one
+        KV-cached forward per text step for every sample writing text, one batched ODE solve for
+        every sample inside a modality (see `sample_many.py`)."""
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "prompts", "__class__")}
+        return sample_many(self, prompts, **arguments)
 
     @torch.no_grad()
     @eval_mode

@@ -1,0 +1,109 @@
+"""`sample_many`: many prompts decoded together equal each sampled alone; `force_modality_at_start`."""
+
+import pytest
+import torch
+from torch import randint, randn
+
+from conftest import make_model, randomized
+
+
+def model_and_prompts(**kwargs):
+    """Randomised weights (time conditioning, gates non-zero): each row's prefix and positions
+    reach its tokens, so a batched shortcut that mixed rows up would show."""
+    torch.manual_seed(0)
+    model = randomized(make_model(dim_latent=(8, 6), modality_default_shape=((2, 2), (3,)), add_pos_emb=(True, False), **kwargs)).eval()
+    ids = model.ids
+
+    def opened(k, shape, text=(3,)):
+        return torch.tensor([*text, *ids.encode_shape(shape), ids.som[k]])
+
+    prompts = [
+        None,  # finishes at once ([sos] [eos]) under this seed: an early finisher
+        randint(0, 16, (5,)),  # text only: the model writes text, then opens a modality itself
+        [randint(0, 16, (2,)), (1, randn(3, 6)), opened(0, (2, 3))],  # interleaved, ends in an open image
+        opened(1, (4,), text=(1, 2, 3, 4)),
+        (0, randn(2, 2, 8)),  # a modality prompt
+    ]
+    return model, prompts
+
+
+def same_sample(a, b, atol=1e-4):
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if torch.is_tensor(x) != torch.is_tensor(y):
+            return False
+        if torch.is_tensor(x) and not torch.equal(x, y):
+            return False
+        if not torch.is_tensor(x) and (x[0] != y[0] or x[1].shape != y[1].shape or not torch.allclose(x[1], y[1], atol=atol)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.5])
+def test_a_batch_equals_its_members_sampled_one_by_one(cfg_scale):
+    model, prompts = model_and_prompts(unconditional_prob=0.2)
+    noise = randn(16, 8)
+    kwargs = dict(max_length=20, text_temperature=0.0, init_modality_noise=noise, modality_steps=3, cfg_scale=cfg_scale)
+    many = model.sample_many(prompts, **kwargs)
+    alone = [model.sample(prompt=p, **kwargs) for p in prompts]
+    assert all(same_sample(a, b) for a, b in zip(alone, many))  # greedy text exactly, modalities to 1e-4
+    kinds = [[x[0] if isinstance(x, tuple) else "text" for x in sample] for sample in many]
+    assert kinds[0] == ["text"] and len(many[0][0]) == 2  # [sos] [eos]: finished first
+    assert kinds[1] == ["text"] and kinds[2] == ["text", 1, "text", 0, "text"]  # one row writes text while others are in modalities
+    assert same_sample(model.sample_many([prompts[2]], **kwargs)[0], alone[2])  # one prompt alone too
+
+
+def test_rows_mix_text_and_modality_steps_and_finished_rows_cost_nothing():
+    model, prompts = model_and_prompts()
+    rows_per_call = []
+    predict = model.predict
+    model.predict = lambda rows, *args, **kwargs: rows_per_call.append(len(rows)) or predict(rows, *args, **kwargs)
+    model.sample_many(prompts, max_length=20, text_temperature=0.0, modality_steps=3)
+    del model.predict
+    assert rows_per_call[0] == len(prompts)  # one prefill for all
+    assert max(rows_per_call[1:]) < len(prompts)  # the early finisher never comes back
+
+
+def test_per_prompt_noise_and_a_different_prompt_changes_only_its_row():
+    model, prompts = model_and_prompts()
+    noises = [randn(16, 8) for _ in prompts]
+    base = model.sample_many(prompts, max_length=20, text_temperature=0.0, init_modality_noise=noises, modality_steps=3)
+    changed = list(prompts)
+    changed[3] = torch.tensor([9, 9, *model.ids.encode_shape((4,)), model.ids.som[1]])
+    other = model.sample_many(changed, max_length=20, text_temperature=0.0, init_modality_noise=noises, modality_steps=3)
+    assert all(same_sample(base[i], other[i]) for i in (0, 1, 2, 4))
+    assert not same_sample(base[3], other[3])
+
+
+@pytest.mark.parametrize("force", [1, (0, (3, 2))])
+def test_force_modality_at_start(force):
+    model, _ = model_and_prompts()
+    prompt = randint(0, 16, (4,))
+    noise = randn(16, 8)
+    one = model.sample(prompt=prompt, max_length=12, text_temperature=0.0, init_modality_noise=noise, modality_steps=3, force_modality_at_start=force)
+    many = model.sample_many([prompt, None], max_length=12, text_temperature=0.0, init_modality_noise=noise, modality_steps=3, force_modality_at_start=force)
+    modality_type, shape = (force, (3,)) if isinstance(force, int) else force
+    for sample in (one, many[0], many[1]):
+        assert isinstance(sample[1], tuple) and sample[1][0] == modality_type and sample[1][1].shape[:-1] == shape  # the modality comes first
+    assert same_sample(one, many[0])
+    fixed = model.sample(prompt=prompt, max_length=12, modality_steps=2, force_modality_at_start=0, fixed_modality_shape=(1, 3))
+    assert fixed[1][1].shape == (1, 3, 8)
+
+
+def test_bad_arguments():
+    model, prompts = model_and_prompts()
+    with pytest.raises(ValueError, match="prompts"):
+        model.sample_many([])
+    with pytest.raises(ValueError, match="prompts"):
+        model.sample_many(None)
+    with pytest.raises(ValueError, match="init_modality_noise"):
+        model.sample_many(prompts, init_modality_noise=[randn(4, 8)])
+    with pytest.raises(ValueError, match="force_modality_at_start"):
+        model.sample_many(prompts, force_modality_at_start=5)
+    with pytest.raises(ValueError, match=r"force_modality_at_start\[1\]"):
+        model.sample(force_modality_at_start=(0, (2,)))
+    with pytest.raises(ValueError, match="cfg_scale"):
+        model.sample_many(prompts, cfg_scale=2.0)  # no conditioning dropout
+    with pytest.raises(ValueError, match=r"prompt\[0\]\[1\]|prompt"):
+        model.sample_many([[randint(0, 16, (2,)), torch.tensor([1000])]])
