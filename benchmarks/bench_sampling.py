@@ -39,7 +39,10 @@ def build(seed: int = 0) -> Transfusion:
 def prompts_for(model: Transfusion, count: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     before, _ = model.ids.modality_wrapper(0, (7, 7))
-    return [torch.cat((torch.randint(0, 26, (int(torch.randint(3, 6, (1,), generator=generator)),), generator=generator), torch.tensor(before))) for _ in range(count)]
+    return [
+        torch.cat((torch.randint(0, 26, (int(torch.randint(3, 6, (1,), generator=generator)),), generator=generator), torch.tensor(before)))
+        for _ in range(count)
+    ]
 
 
 def main():

@@ -91,6 +91,13 @@ def test_force_modality_at_start(force):
     assert fixed[1][1].shape == (1, 3, 8)
 
 
+def test_every_sample_ending_on_a_modality_that_does_not_fit():
+    model, _ = model_and_prompts()
+    prompt = torch.tensor([3, *model.ids.encode_shape((9, 9)), model.som_ids[0]])
+    samples = model.sample_many([prompt, prompt], max_length=10)
+    assert all(len(s) == 1 and s[0][-1] == model.eos_id for s in samples)
+
+
 def test_bad_arguments():
     model, prompts = model_and_prompts()
     with pytest.raises(ValueError, match="prompts"):

@@ -126,6 +126,8 @@ def sample_many(model: Transfusion, prompts, init_modality_noise=None, **argumen
             # 2. text: one token for every sample writing text
             feeding = []
             writing = [row for row in range(count) if not done[row]]
+            if not writing:  # the last ones ended on a modality that did not fit
+                break
             tokens = sample_token(torch.stack([logits[row] for row in writing]), options.text_temperature, options.text_min_p)[:, 0].tolist()
             for row, token in zip(writing, tokens):
                 streams[row].add_text([token])
