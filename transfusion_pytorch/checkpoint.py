@@ -1,23 +1,41 @@
-"""Checkpoints: one file, written atomically, loaded without executing code.
+"""Checkpoints: one file, checksummed, written atomically, loaded without executing code.
 
-A checkpoint is written to a temporary file in the same folder, fsynced, then moved over
-the old one (`os.replace`), so a crash mid-write never leaves a broken checkpoint behind.
-It holds only tensors and plain Python values and loads with
-`torch.load(weights_only=True)`: loading never runs code from the file. The model's
-constructor arguments travel with it as JSON; modules among them (encoders, decoders,
-U-Net blocks) are recorded by class and `get_config()`, and rebuilt only for classes of
-this package. This module knows no model class: `load_model` is given one.
+The file (format `transfusion_pytorch.checkpoint/2`) is a fixed 133-byte ASCII header and a
+payload:
+
+    transfusion_pytorch.checkpoint/2\n     the magic line: format and version
+    sha256 <64 hex digits>\n               SHA-256 of the payload
+    length <20 decimal digits>\n           the payload's length in bytes
+    <payload>                               `torch.save` (zip) of the checkpoint dict
+
+`read_checkpoint` checks magic, length and digest before it deserialises anything, so a
+truncated or bit-flipped file is refused with a ValueError naming it instead of loading
+damaged weights. The digest guards against damage, not against a forger (anyone can write a
+valid one); safety comes from the load: the payload holds only tensors and plain Python values
+and is read with `torch.load(weights_only=True)`, which never runs code from the file.
+
+A checkpoint is written to a temporary file in the same folder, fsynced, moved over the old
+one (`os.replace`) and the folder fsynced, so a crash or power cut mid-write leaves the
+previous checkpoint whole (a killed writer may leave a `.NAME.*.tmp` file beside it, which
+nothing reads). `save_checkpoint` refuses a model or EMA with NaN / inf weights: a checkpoint
+always holds a state training can resume from.
+
+The model's constructor arguments travel with it as JSON; modules among them (encoders,
+decoders, U-Net blocks) are recorded by class and `get_config()`, and rebuilt only for classes
+of this package. This module knows no model class: `load_model` is given one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import inspect
 import io
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,7 +48,12 @@ from .inputs import check_int
 from .layout import default_to_modality_shape_fn
 from .transformer import Transformer
 
-CHECKPOINT_FORMAT = "transfusion_pytorch.checkpoint/1"
+CHECKPOINT_FORMAT = "transfusion_pytorch.checkpoint/2"
+LEGACY_FORMAT = "transfusion_pytorch.checkpoint/1"  # a bare torch.save zip: no header, no checksum
+
+_MAGIC = f"{CHECKPOINT_FORMAT}\n".encode()
+_FIELDS = re.compile(rb"sha256 ([0-9a-f]{64})\nlength ([0-9]{20})\n")
+HEADER_SIZE = len(_MAGIC) + len(b"sha256 \n") + 64 + len(b"length \n") + 20
 
 
 def _class_path(obj) -> str:
@@ -157,6 +180,8 @@ def save_checkpoint(
             raise TypeError(f"`{name}` must have a `state_dict()`, got {type(obj).__name__}")
     step = check_int("step", step, 0)
     _check_extra(extra)
+    _check_finite_weights("model", model)
+    _check_finite_weights("ema", ema)
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"`path` {str(path)!r} is a directory, not a checkpoint file")
@@ -172,10 +197,25 @@ def save_checkpoint(
         "ema": ema.state_dict() if exists(ema) else None,
         "extra": extra or {},
     }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)  # serialised before the file is touched: a failure here writes nothing
+    data = buffer.getbuffer()
+    _write_atomically(path, (_header(data), data))
+    return path
+
+
+def _header(payload) -> bytes:
+    return _MAGIC + f"sha256 {hashlib.sha256(payload).hexdigest()}\nlength {len(payload):020d}\n".encode()
+
+
+def _write_atomically(path: Path, parts) -> None:
+    """Temporary file in the same folder → fsync → `os.replace` → fsync the folder: at every
+    moment `path` is the old file or the new one, whole, and after a power cut too."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            for part in parts:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -183,7 +223,33 @@ def save_checkpoint(
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    return path
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make the rename itself durable, where the OS lets a folder be opened and fsynced (POSIX)."""
+    if not hasattr(os, "O_DIRECTORY"):  # Windows: a folder cannot be opened; NTFS journals the rename
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (network mounts) refuse to fsync a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_finite_weights(name: str, module) -> None:
+    """Refuse NaN / inf weights before anything is written: such a state cannot resume training."""
+    if not isinstance(module, nn.Module):
+        return
+    bad = [n for n, p in module.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"`{name}` has non-finite (NaN / inf) weights in {shown}; refusing to write a checkpoint of them (the previous one is kept)")
 
 
 def _check_extra(extra) -> None:
@@ -205,24 +271,65 @@ def _check_extra(extra) -> None:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint's contents without executing code from it."""
+    """Load a checkpoint's contents without executing code from it.
+
+    The header's magic, payload length and SHA-256 are checked first: a truncated, damaged or
+    foreign file raises a ValueError that names it and says what is wrong. Checkpoints of the
+    earlier format `transfusion_pytorch.checkpoint/1` (a bare `torch.save` zip) still load; they
+    carry no checksum, so only what `torch.load` itself notices is caught in them.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"`path` {str(path)!r} is not a checkpoint file")
+    payload = _verified_payload(path)
+    source = path if payload is None else io.BytesIO(payload)
+    expected = LEGACY_FORMAT if payload is None else CHECKPOINT_FORMAT
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated file or something that is not ours
+        contents = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged legacy file, or code a weights-only load refuses
         raise ValueError(f"`path` {str(path)!r} is not a readable checkpoint: {error}") from error
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(contents, dict) or contents.get("format") != expected:
         raise ValueError(f"`path` {str(path)!r} is not a transfusion_pytorch checkpoint")
-    missing = [key for key in ("config", "model", "step", "rng", "optimizer", "scheduler", "ema", "extra") if key not in payload]
+    missing = [key for key in ("config", "model", "step", "rng", "optimizer", "scheduler", "ema", "extra") if key not in contents]
     if missing:
         raise ValueError(f"checkpoint `path` {str(path)!r} lacks {', '.join(missing)}")
-    if payload["config"] is not None:
+    if contents["config"] is not None:
         try:
-            json.loads(payload["config"])
+            json.loads(contents["config"])
         except (TypeError, ValueError) as error:
             raise ValueError(f"checkpoint `path` {str(path)!r} has an unreadable model config: {error}") from None
+    return contents
+
+
+def _verified_payload(path: Path) -> bytes | None:
+    """The payload of a checkpoint whose header, length and digest check out; None for a legacy
+    (format /1) zip, which has no header."""
+    where = f"checkpoint `path` {str(path)!r}"
+    with open(path, "rb") as f:
+        header = f.read(HEADER_SIZE)
+        if header.startswith(b"PK\x03\x04"):  # a bare zip: torch.save as format /1 wrote it
+            return None
+        if not header.startswith(_MAGIC):
+            if len(header) < len(_MAGIC) and _MAGIC.startswith(header):
+                raise ValueError(f"{where} is truncated: {len(header)} bytes, inside its {HEADER_SIZE}-byte header")
+            first_line = header.split(b"\n", 1)[0][:60]
+            if first_line.startswith(b"transfusion_pytorch.checkpoint/"):
+                raise ValueError(f"{where} has the unknown format {first_line.decode(errors='replace')!r} (damaged, or written by a newer version)")
+            raise ValueError(f"`path` {str(path)!r} is not a transfusion_pytorch checkpoint (it starts with {header[:16]!r})")
+        if len(header) < HEADER_SIZE:
+            raise ValueError(f"{where} is truncated: {len(header)} bytes, inside its {HEADER_SIZE}-byte header")
+        fields = _FIELDS.fullmatch(header[len(_MAGIC) :])
+        if fields is None:
+            raise ValueError(f"{where} has a damaged header: {header[len(_MAGIC) :]!r}")
+        payload = f.read()
+    digest, length = fields.group(1).decode(), int(fields.group(2))
+    if len(payload) < length:
+        raise ValueError(f"{where} is truncated: its payload has {len(payload)} of {length} bytes")
+    if len(payload) > length:
+        raise ValueError(f"{where} is damaged: {len(payload) - length} bytes follow its {length}-byte payload")
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != digest:
+        raise ValueError(f"{where} is damaged: the SHA-256 of its payload is {actual}, its header says {digest}")
     return payload
 
 

@@ -1,28 +1,34 @@
 """What the example scripts share: mixed precision, checkpoints that resume, logging.
 
-Checkpoints themselves (atomic, weights-only) are `checkpoint.py`; this module re-exports
-them and adds `load_model(path)` for `Transfusion`.
+Checkpoints themselves (checksummed, atomic, weights-only) are `checkpoint.py`; this module
+re-exports them and adds `load_model(path)` for `Transfusion`. `Precision.step` refuses to
+step on a NaN / inf loss or gradient (`NonFiniteError`, or a counted skip), so such a state
+never reaches the weights, the optimizer or a checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .checkpoint import CHECKPOINT_FORMAT, config_to_json, load_checkpoint, model_from_config, read_checkpoint, save_checkpoint
 from .checkpoint import load_model as load_model_of_class
+from .flow import LossBreakdown
 from .helpers import exists
-from .inputs import check_bool, check_float
+from .inputs import check_bool, check_float, check_int
 from .transfusion import Transfusion
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "NonFiniteError",
     "Precision",
     "RunLogger",
     "breakdown_metrics",
@@ -46,44 +52,182 @@ def load_model(path: str | os.PathLike, **overrides) -> Transfusion:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class NonFiniteError(FloatingPointError):
+    """A NaN / inf loss or gradient. The optimizer was not stepped and the gradients are zeroed,
+    so the weights, the optimizer state and any checkpoint written next hold the last good step.
+
+    `step`: the training step (when the loop passed it); `terms`: the non-finite loss terms,
+    name → value (`text`, `flow[k]`, `velocity[k]`, `recon[k]`, or `total`); `parameters`: the
+    parameters with a non-finite gradient (named when the loop passed named parameters).
+    """
+
+    def __init__(self, message: str, step: int | None = None, terms: dict | None = None, parameters: list | None = None):
+        super().__init__(message)
+        self.step, self.terms, self.parameters = step, terms or {}, parameters or []
+
+
+ON_NONFINITE = ("raise", "skip")
+
+
+def _nonfinite_terms(loss: torch.Tensor, breakdown: LossBreakdown | None = None) -> dict[str, float]:
+    """The loss terms that are NaN / inf, name → value: `text`, `flow[k]`, `velocity[k]`,
+    `recon[k]` of a `LossBreakdown`, or `total` when no breakdown names them."""
+    terms = {}
+    if exists(breakdown):
+        terms["text"] = breakdown.text
+        for kind in ("flow", "velocity", "recon"):
+            terms.update({f"{kind}[{k}]": value for k, value in enumerate(getattr(breakdown, kind) or ())})
+    values = {name: float(value.detach().float()) for name, value in terms.items() if torch.is_tensor(value)}
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    return bad or {"total": float(loss.detach().float())}
+
+
+def _named(parameters) -> list[tuple[str, torch.Tensor]]:
+    """`module`, `module.named_parameters()` or a plain iterable of tensors → (name, tensor) pairs."""
+    if isinstance(parameters, nn.Module):
+        parameters = parameters.named_parameters()
+    named = []
+    for index, item in enumerate(parameters):
+        name, tensor = item if isinstance(item, tuple) else (f"parameter #{index}", item)
+        if not torch.is_tensor(tensor):
+            raise TypeError(f"`parameters` must hold tensors or (name, tensor) pairs, got {type(tensor).__name__}")
+        if tensor.requires_grad:
+            named.append((name, tensor))
+    return named
+
+
+def _grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all gradients together (as `clip_grad_norm_` measures it), clipping nothing."""
+    grads = [p.grad for p in parameters if exists(p.grad)]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads)
+    device = grads[0].device
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()).to(device) for g in grads]))
+
+
+def _clip(parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    if hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
+        return
+    scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for p in parameters:
+        if exists(p.grad):
+            p.grad.detach().mul_(scale.to(p.grad.device))
+
+
 @dataclass
 class Precision:
     """Autocast and (for fp16 on CUDA) loss scaling, in one object the training loop calls.
 
     bf16 needs no loss scaling; fp16 gets a `torch.amp.GradScaler`. Losses, the flow
     target and the ODE state stay fp32 inside the model whatever the autocast dtype.
+
+    `skipped_steps` counts the steps `step` did not apply (a non-finite loss or gradient, or an
+    fp16 overflow the scaler skipped); `last_nonfinite` says why the last one was skipped.
     """
 
     use_amp: bool = False
     dtype: torch.dtype = torch.bfloat16
     device_type: str = "cpu"
     scaler: Any = None
+    skipped_steps: int = 0
+    last_nonfinite: str | None = None
 
     def autocast(self):
         if not self.use_amp:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, max_grad_norm: float | None = None) -> torch.Tensor:
-        """backward → (unscale) → clip → optimizer step → zero grads; returns the gradient norm."""
+    def step(
+        self,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        parameters,
+        max_grad_norm: float | None = None,
+        breakdown: LossBreakdown | None = None,
+        step: int | None = None,
+        on_nonfinite: str = "raise",
+    ) -> torch.Tensor:
+        """backward → (unscale) → clip → optimizer step → zero grads; returns the gradient norm.
+
+        `parameters`: the model, `model.named_parameters()` (an error can then name the bad
+        gradient) or `model.parameters()`. A NaN / inf loss or gradient is never applied: the
+        gradients are zeroed, the optimizer is not stepped, and with `on_nonfinite="raise"` a
+        `NonFiniteError` names `step` and the bad terms of `breakdown` (text, flow[k],
+        velocity[k], recon[k]) or the bad gradients; with `"skip"` the step is counted in
+        `skipped_steps` and the returned norm is non-finite (NaN when the loss was), so the loop
+        can log it and go on. backward runs in every case, so DDP ranks stay in step (a NaN
+        loss on one rank reaches every rank's gradients through the all-reduce).
+
+        With fp16 and a GradScaler, an inf / NaN gradient under a finite loss is the scaler's
+        normal overflow: it skips the step and lowers its scale, counted in `skipped_steps`
+        whatever `on_nonfinite` says; a non-finite loss is raised or skipped as above.
+        """
         if exists(max_grad_norm) and not max_grad_norm == float("inf"):  # inf: measure the norm, clip nothing
             check_float("max_grad_norm", max_grad_norm, 0.0)
             if max_grad_norm == 0:
                 raise ValueError("`max_grad_norm` must be > 0 (0 would zero every gradient); use None or inf for no clipping")
-        parameters = [p for p in parameters if p.requires_grad]
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"`on_nonfinite` must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        if exists(step):
+            step = check_int("step", step, 0)
+        if exists(breakdown) and not isinstance(breakdown, LossBreakdown):
+            raise TypeError(f"`breakdown` must be the model's LossBreakdown, got {type(breakdown).__name__}")
+        named = _named(parameters)
+        parameters = [p for _, p in named]
         if exists(self.scaler):
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(optimizer)
         else:
             loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if exists(max_grad_norm) else float("inf"))
+        grad_norm = _grad_norm(parameters)  # measured before clipping: a NaN norm would clip every gradient to NaN
+        loss_finite, grads_finite = torch.stack([loss.detach().float().isfinite(), grad_norm.float().isfinite().to(loss.device)]).tolist()
+        if loss_finite and grads_finite:
+            if exists(max_grad_norm) and math.isfinite(max_grad_norm):
+                _clip(parameters, max_grad_norm, grad_norm)
+            self._apply(optimizer)
+            return grad_norm
+
+        where = f"step {step}: " if exists(step) else ""
+        if exists(self.scaler) and loss_finite:  # an fp16 overflow: the scaler skips and lowers its scale
+            self._apply(optimizer)
+            self._skipped(f"{where}fp16 gradient overflow; the GradScaler skipped the step (scale now {self.scaler.get_scale():g})")
+            return grad_norm
+
+        terms = {} if loss_finite else _nonfinite_terms(loss, breakdown)
+        bad_parameters = [name for name, p in named if exists(p.grad) and not bool(p.grad.isfinite().all())]
+        optimizer.zero_grad(set_to_none=True)
+        if exists(self.scaler):
+            self.scaler.update()  # after unscale_ the scaler expects an update; the inf it saw lowers the scale
+        reasons = []
+        if terms:
+            reasons.append("non-finite loss: " + ", ".join(f"{name}={value}" for name, value in terms.items()))
+        if terms and bad_parameters:  # the loss is the cause; its gradients follow
+            reasons.append(f"{len(bad_parameters)} parameters got non-finite gradients from it")
+        elif bad_parameters:
+            shown = ", ".join(bad_parameters[:5]) + (f" and {len(bad_parameters) - 5} more" if len(bad_parameters) > 5 else "")
+            reasons.append(f"non-finite gradient in {shown}")
+        elif not grads_finite:
+            reasons.append(f"gradient norm {float(grad_norm)} (every gradient finite: their norm overflowed)")
+        message = where + "; ".join(reasons) + "; the optimizer was not stepped"
+        self._skipped(message)
+        if on_nonfinite == "raise":
+            raise NonFiniteError(message, step=step, terms=terms, parameters=bad_parameters)
+        return grad_norm if not grads_finite else grad_norm.new_tensor(float("nan"))
+
+    def _apply(self, optimizer):
         if exists(self.scaler):
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+
+    def _skipped(self, reason: str):
+        self.skipped_steps += 1
+        self.last_nonfinite = reason
 
 
 def make_precision(use_amp: bool = False, amp_dtype: str = "bf16", device: torch.device | str = "cpu") -> Precision:
