@@ -5,8 +5,14 @@ from transfusion_pytorch import Transfusion
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """A fixed seed, and one thread: the tests' tiny models run fastest on one (a shared 2-core
+    machine runs them tens of times slower with two)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_transformer(**kwargs):
