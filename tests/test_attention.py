@@ -1,11 +1,14 @@
+import copy
+import shutil
 import warnings
 
 import pytest
 import torch
+from rotary_embedding_torch import apply_rotary_emb
 
 from conftest import gpu_available, make_model, tiny_transformer
-from transfusion_pytorch.attention import Attention, AttentionMask, KVCache
-from transfusion_pytorch.masks import dense_mask, transfusion_mask
+from transfusion_pytorch.attention import Attention, AttentionMask, KVCache, RotaryEmbedding, compiled_flex_attention
+from transfusion_pytorch.masks import block_mask, causal, dense_mask, transfusion_mask
 
 
 def interleaved_batch(model):
@@ -15,9 +18,56 @@ def interleaved_batch(model):
     ]
 
 
-@pytest.mark.parametrize("use_flex_attn", [False, True])
-def test_flex_forward_matches_sdpa_on_cpu(use_flex_attn):
-    model = make_model(dim_latent=8, transformer=tiny_transformer(use_flex_attn=use_flex_attn)).eval()
+def reference_rotation(x, positions, theta=10000.0):
+    """RoFormer's rotation written out (arXiv 2104.09864): feature pair (2i, 2i+1) of the token
+    at position p turns by the angle p * theta^(-2i / dh). x: (b, h, n, dh), positions: (b, n)."""
+    dh = x.shape[-1]
+    freqs = theta ** -(torch.arange(0, dh, 2, dtype=torch.float64) / dh)
+    angles = positions.double()[:, None, :, None] * freqs  # (b, 1, n, dh / 2)
+    pairs = torch.view_as_complex(x.double().reshape(*x.shape[:-1], dh // 2, 2).contiguous())
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).reshape(x.shape)
+
+
+def test_rotary_matches_the_reference_rotation_at_explicit_positions():
+    rotary = RotaryEmbedding(8)
+    # an instance of three tokens shares one position; row 1 packs a second sample, whose positions restart
+    positions = torch.tensor([[0, 1, 2, 2, 2, 3], [0, 5, 5, 5, 0, 1]])
+    x = torch.randn(2, 3, 6, 8)
+    x[:, :, 3] = x[:, :, 2]  # the same content at the same position
+    rotated = apply_rotary_emb(rotary(positions), x)
+    assert torch.allclose(rotated.double(), reference_rotation(x, positions), atol=1e-5)
+    assert torch.equal(rotated[:, :, 3], rotated[:, :, 2])
+    # scores depend on relative positions only: shifting a row's positions changes nothing
+    q, k = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
+    scores = [apply_rotary_emb(rotary(p), q) @ apply_rotary_emb(rotary(p), k).transpose(-1, -2) for p in (positions, positions + 7)]
+    assert torch.allclose(*scores, atol=1e-4)
+
+
+def test_rotary_frequencies_are_frozen_and_stay_fp32_in_a_bf16_model():
+    model = make_model(dim_latent=8)
+    freqs = model.transformer.rotary.embed.freqs
+    assert not freqs.requires_grad
+    assert model.to(torch.bfloat16).transformer.rotary.embed.freqs.dtype == torch.float32
+    assert not model.transformer.rotary.embed.freqs.requires_grad
+    assert model.to(torch.float64).transformer.rotary.embed.freqs.dtype == torch.float64
+
+    rotary = RotaryEmbedding(64)
+    rotary_bf16 = copy.deepcopy(rotary).to(torch.bfloat16)
+    positions = torch.arange(1990, 2010)[None]
+    x = torch.randn(1, 2, 20, 64).bfloat16()
+    rotated = apply_rotary_emb(rotary_bf16(positions), x)
+    assert rotated.dtype == torch.bfloat16
+    # only the output's bf16 rounding: |x| < 5 rounds by at most 2^-6
+    assert torch.allclose(rotated.double(), reference_rotation(x, positions), atol=2e-2, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(rotary(positions), rotary_bf16(positions))
+
+
+@pytest.mark.parametrize("attn_kwargs", [{}, dict(softcap_value=5.0)], ids=["plain", "softcap"])
+def test_flex_forward_matches_sdpa_on_cpu(attn_kwargs):
+    """Flex (eager on CPU, no grad) against SDPA; with soft-capping, flex's `score_mod`
+    against the reference path's explicit scores."""
+    model = make_model(dim_latent=8, transformer=tiny_transformer(use_flex_attn=True, attn_kwargs=attn_kwargs)).eval()
     batch = interleaved_batch(model)
     times = torch.rand(2, 2)
     with torch.no_grad(), warnings.catch_warnings():
@@ -37,7 +87,7 @@ def test_flex_forward_matches_sdpa_on_cpu(use_flex_attn):
 def test_softcap_reference_path_runs_and_masks():
     attn = Attention(dim=16, dim_head=8, heads=2, softcap_value=50.0).eval()
     x = torch.randn(1, 6, 16)
-    rotary = (torch.ones(1, 1, 6, 8), torch.zeros(1, 1, 6, 8))
+    rotary = torch.zeros(1, 1, 6, 8)  # angle 0: no rotation
     instance_ids = torch.tensor([[-1, 0, 0, 0, -1, -1]])
     mask = AttentionMask(dense=dense_mask(transfusion_mask(instance_ids), 1, 6, 6))
     out = attn(x, rotary, mask)
@@ -54,7 +104,7 @@ def test_softcap_reference_path_runs_and_masks():
 
 def test_softcap_with_large_cap_matches_sdpa():
     x = torch.randn(2, 5, 16)
-    rotary = (torch.ones(1, 1, 5, 8), torch.zeros(1, 1, 5, 8))
+    rotary = torch.zeros(2, 1, 5, 8)
     plain = Attention(dim=16, dim_head=8, heads=2).eval()
     capped = Attention(dim=16, dim_head=8, heads=2, softcap_value=1e6).eval()
     capped.load_state_dict(plain.state_dict())
@@ -89,6 +139,37 @@ def test_kv_cache_uncommitted_writes_are_overwritten():
     assert keys.shape[-2] == 4
     keys, _ = cache.update(0, 3 * k[:, :, :1], 3 * k[:, :, :1])
     assert keys.shape[-2] == 3 and keys[0, 0, 2, 0] == 3
+
+
+def test_flex_attention_refuses_to_train_without_its_dropout():
+    attn = Attention(dim=16, dim_head=8, heads=2, dropout=0.1)
+    x, rotary = torch.randn(1, 6, 16), torch.zeros(1, 1, 6, 8)
+    mask = AttentionMask(block=block_mask(causal, 1, 6, 6, "cpu"))
+    with pytest.raises(ValueError, match="flex attention has no dropout"):
+        attn(x, rotary, mask)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluated = attn.eval()(x, rotary, mask)  # no dropout at evaluation: flex is fine
+    assert torch.allclose(evaluated, attn(x, rotary, AttentionMask(is_causal=True)), atol=1e-5)
+
+
+@pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_flex_attention_does_not_recompile_for_every_length():
+    """Every batch has a new length; a compile per length would run into dynamo's recompile limit."""
+    from torch._dynamo.utils import counters
+
+    flex = compiled_flex_attention()
+    graphs_before = counters["stats"]["unique_graphs"]
+    for n in (37, 51, 80):
+        instance_ids = torch.full((2, n), -1)
+        instance_ids[:, 5:15] = 0
+        mask_fn = transfusion_mask(instance_ids)  # a new mask function per batch, as the model builds it
+        q, k, v = torch.randn(3, 2, 4, n, 8).unbind()
+        with torch.no_grad():
+            out = flex(q, k, v, block_mask=block_mask(mask_fn, 2, n, n, "cpu"))
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask_fn, 2, n, n))
+        assert torch.allclose(out, expected, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 2
 
 
 def test_laser_attention_runs_and_backprops():

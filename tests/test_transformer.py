@@ -1,18 +1,58 @@
-"""The transformer on its own: hyper-connections (0.12's `num_residual_streams`)."""
+"""The transformer on its own: the time-conditioned gate, hyper-connections (0.12's `num_residual_streams`)."""
+
+import math
 
 import pytest
 import torch
+from hyper_connections import HyperConnections
 from torch import nn, randint, randn
 
 from conftest import make_model, tiny_transformer
 from transfusion_pytorch import Transformer
 from transfusion_pytorch.attention import AttentionMask
+from transfusion_pytorch.masks import dense_mask, transfusion_mask
 
 
 def randomise(module: nn.Module) -> None:
-    """Non-zero values everywhere, so zero-initialised gates don't hide a difference."""
+    """Non-zero values in every trained weight, so zero-initialised gates don't hide a difference
+    (the rotary frequencies are frozen, not trained)."""
     for p in module.parameters():
-        nn.init.normal_(p, std=0.2)
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.2)
+
+
+def test_modality_gate_starts_at_sigmoid_of_minus_two():
+    transformer = Transformer(dim=32, depth=2, dim_head=8, heads=4)
+    instance_cond = transformer.time_embed(torch.rand(3))
+    for block in transformer.blocks:
+        for norm in (block.attn_norm, block.ff_norm):
+            scale, shift, gate = norm.tables(instance_cond)  # row 0 text, then one row per instance
+            assert torch.allclose(gate[1:], torch.full_like(gate[1:], 1 / (1 + math.exp(2))))  # 0.119
+            assert torch.equal(gate[0], torch.ones(32))  # text: plain residual
+            assert torch.equal(scale, torch.ones_like(scale)) and torch.equal(shift, torch.zeros_like(shift))
+
+
+def test_an_untrained_model_reads_the_prefix_into_modality_tokens():
+    """Two sequences that differ only in their text prefix: the modality tokens' outputs differ
+    (with adaLN-Zero's zero gate they would not, until training opened the gates)."""
+    transformer = Transformer(dim=32, depth=2, dim_head=8, heads=4).eval()
+    instance_ids = torch.tensor([[-1, -1, -1, 0, 0, 0, 0]])
+    positions = torch.tensor([[0, 1, 2, 3, 3, 3, 3]])
+    mask = AttentionMask(dense=dense_mask(transfusion_mask(instance_ids), 1, 7, 7))
+    tokens = randn(1, 7, 32)
+    other_prefix = tokens.clone()
+    other_prefix[:, :3] = randn(1, 3, 32)
+    times = torch.tensor([0.5])
+
+    def modality_outputs(x):
+        return transformer(x, positions, mask, token_instance=instance_ids, instance_times=times)[:, 3:]
+
+    with torch.no_grad():
+        assert not torch.allclose(modality_outputs(tokens), modality_outputs(other_prefix), atol=1e-3)
+        for block in transformer.blocks:  # close the gates, as adaLN-Zero starts: the prefix no longer matters
+            for norm in (block.attn_norm, block.ff_norm):
+                norm.to_gate.bias.fill_(-float("inf"))
+        assert torch.allclose(modality_outputs(tokens), modality_outputs(other_prefix), atol=1e-6)
 
 
 def batch():
@@ -36,8 +76,8 @@ def test_hyper_connections_start_as_the_plain_residual():
 
     # the dynamic part is live: once its weights move, the output does too
     with torch.no_grad():
-        hyper.transformer.blocks[0].hyper[0].dynamic_alpha.normal_(std=1.0)
-        hyper.transformer.blocks[0].hyper[0].alpha_scale.fill_(1.0)
+        hyper.transformer.blocks[0].hyper[0].dynamic_alpha_fn.normal_(std=1.0)
+        hyper.transformer.blocks[0].hyper[0].dynamic_alpha_scale.fill_(1.0)
     assert not torch.allclose(hyper(data, times=times, return_loss=False), expected, atol=1e-2)
 
 
@@ -90,6 +130,16 @@ def test_hyper_connections_with_checkpointing_same_grads():
     for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
         if pa.grad is not None:
             assert torch.allclose(pa.grad, pb.grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("fracs", [1, 4])
+def test_hyper_connections_come_from_the_package_without_fracs(fracs):
+    transformer = Transformer(dim=32, depth=2, dim_head=8, heads=4, num_residual_streams=2, num_residual_fracs=fracs)
+    hyper = [h for block in transformer.blocks for h in block.hyper]
+    assert len(hyper) == 4 and all(isinstance(h, HyperConnections) and h.num_fracs == 1 for h in hyper)
+    # sub-layer k reads copy k mod s at initialisation
+    assert [int(h.static_alpha[:, 0].argmax()) for h in hyper] == [0, 1, 0, 1]
+    assert not any(isinstance(m, HyperConnections) for m in Transformer(dim=32, depth=1, num_residual_fracs=fracs).modules())  # plain residual
 
 
 @pytest.mark.parametrize(

@@ -5,47 +5,64 @@ Backends: flex attention with a `BlockMask` on CUDA (`use_flex_attn=True`), and
 attention has no backward on CPU in torch 2.13, and its eager path materialises the
 whole score matrix anyway). Both take the mask from the same mask function
 (`masks.py`), so they compute the same thing; `tests/test_attention.py` checks it.
+Flex attention has no dropout: a `BlockMask` while training with attention dropout
+raises rather than silently training without it (the model routes such steps to SDPA).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+import rotary_embedding_torch
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from rotary_embedding_torch import apply_rotary_emb
 from torch import Tensor, nn
 from torch.nn import Module
 
 from ._typing import Float, Int, typecheck
 from .helpers import exists
 
-# rotary positions (RoFormer, arXiv 2104.09864)
+# rotary positions (RoFormer, arXiv 2104.09864), from `rotary_embedding_torch`
 
 
 class RotaryEmbedding(Module):
+    """Rotation angles for explicit per-token positions, `(b, n)` → `(b, 1, n, dh)`.
+
+    Positions are not `arange(n)`: every token of a modality instance shares one position,
+    packed rows restart at 0, and tokens decoded against a KV cache continue after it. So
+    the package's `RotaryEmbedding` is called on the positions themselves, and its angles
+    go to `apply_rotary_emb` with a head axis of 1.
+
+    The package keeps its frequencies as a frozen parameter (`requires_grad=False`). They
+    stay fp32 when the model is cast to bf16 / fp16 (`_apply`): the package casts positions
+    to the frequencies' dtype, and in bf16 positions near 2000 round to multiples of 8 and
+    frequencies by up to 0.4 %, which turns angles at position 2000 by up to 7 radians.
+    """
+
     def __init__(self, dim_head: int, theta: float = 10000.0):
         super().__init__()
-        inv_freq = theta ** -(torch.arange(0, dim_head, 2).float() / dim_head)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.embed = rotary_embedding_torch.RotaryEmbedding(dim_head, theta=theta, cache_if_possible=False)
 
     @typecheck
-    def forward(self, positions: Int["b n"]) -> tuple[Float["b 1 n dh"], Float["b 1 n dh"]]:
-        freqs = positions.float()[..., None] * self.inv_freq  # (b, n, dh/2)
-        freqs = torch.cat((freqs, freqs), dim=-1)
-        freqs = rearrange(freqs, "b n d -> b 1 n d")
-        return freqs.cos(), freqs.sin()
+    def forward(self, positions: Int["b n"]) -> Float["b 1 n dh"]:
+        with torch.autocast(positions.device.type, enabled=False):
+            angles = self.embed(positions)  # (b, n, dh): position × frequency, each frequency for one pair of features
+        return rearrange(angles, "b n dh -> b 1 n dh")
 
+    def _apply(self, fn, recurse=True):
+        freqs = self.embed.freqs
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        def keep_fp32_freqs(tensor):
+            applied = fn(tensor)
+            if tensor is freqs and applied.is_floating_point() and torch.finfo(applied.dtype).bits < 32:
+                return tensor.detach().to(applied.device, copy=True)  # the new device, not the new dtype
+            return applied
 
-
-def apply_rotary(x: Tensor, rotary: tuple[Tensor, Tensor]) -> Tensor:
-    cos, sin = rotary
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+        return super()._apply(keep_fp32_freqs, recurse)
 
 
 # the mask handed down to every layer, built once per forward
@@ -128,20 +145,30 @@ class KVCacheRows:
         self.cache.commit(num_tokens)
 
 
-# flex attention, compiled once on first use on CUDA
+# flex attention, compiled once per process on first use on CUDA
 
-_compiled_flex = None
+
+@functools.cache
+def compiled_flex_attention():
+    """`flex_attention` under `torch.compile` with automatic dynamic shapes (`dynamic=None`).
+
+    Batches change length every step. `dynamic=False` compiled a new kernel for every length
+    until dynamo's recompile limit; here the first call compiles for its shapes and the first
+    change of a size recompiles once with that size symbolic, so later lengths reuse the
+    kernel (`tests/test_attention.py` counts the graphs). `dynamic=True` is not used: with it
+    torch 2.13's CPU flex template emits C++ that does not compile.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=None)
 
 
 def flex_attention(q, k, v, block_mask, score_mod=None):
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention as flex
-
     if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=block_mask, score_mod=score_mod)
-    return flex(q, k, v, block_mask=block_mask, score_mod=score_mod)
+        return compiled_flex_attention()(q, k, v, block_mask=block_mask, score_mod=score_mod)
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex_attention
+
+    return eager_flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod)
 
 
 def softcap_score_mod(softcap: float):
@@ -184,13 +211,13 @@ class Attention(Module):
     def forward(
         self,
         x: Float["b n d"],
-        rotary: tuple[Tensor, Tensor],
+        rotary: Float["b 1 n dh"],
         mask: AttentionMask,
         cache: KVCache | KVCacheRows | None = None,
         layer_index: int = 0,
     ) -> Float["b n d"]:
         q, k, v = rearrange(self.to_qkv(x), "b n (qkv h dh) -> qkv b h n dh", qkv=3, h=self.heads)
-        q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
+        q, k = apply_rotary_emb(rotary, q), apply_rotary_emb(rotary, k)  # (b, h, n, dh), rotated at >= fp32, cast back
 
         if exists(cache):
             k, v = cache.update(layer_index, k, v)
@@ -216,6 +243,11 @@ class Attention(Module):
         dropout_p = self.dropout if self.training else 0.0
 
         if exists(mask.block):
+            if dropout_p > 0:
+                raise ValueError(
+                    f"flex attention has no dropout, but this layer trains with `dropout={self.dropout}`: "
+                    "pass a dense mask (SDPA) while training, or set dropout to 0"
+                )
             score_mod = softcap_score_mod(self.softcap_value) if self.softcap_value > 0 else None
             return flex_attention(q, k, v, block_mask=mask.block, score_mod=score_mod)
 

@@ -1,10 +1,14 @@
 """The transformer: blocks of attention + feed-forward, time-conditioned on modality tokens only.
 
-Conditioning (DiT's adaLN-Zero, arXiv 2212.09748, applied per token type as in
+Conditioning (adaptive norms as in DiT, arXiv 2212.09748, applied per token type as in
 Transfusion): text tokens go through a plain pre-norm with a learned gain and a
 residual layer-scale; modality tokens get scale / shift from their instance's flow
-time and a zero-initialised output gate, so at initialisation every block leaves
-modality tokens unchanged.
+time (zero-initialised, so they start as the plain norm) and an output gate
+`sigmoid(Linear(cond))`. DiT's adaLN-Zero gate is a raw linear initialised at zero, so
+at initialisation every block leaves modality tokens unchanged and they ignore their
+prefix until the gates grow. We follow 0.12's sigmoid gate instead: weight zero, bias
+-2, so every block starts with gate sigmoid(-2) ≈ 0.12 and an untrained model already
+reads its context into the modality tokens.
 
 The time conditioning is computed once per modality *instance* (`instance_cond`,
 `(m, dc)`), and each layer builds a small table of scales / shifts / gates with one row
@@ -18,9 +22,12 @@ rotary positions and an `AttentionMask`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from einops import reduce, repeat
+from hyper_connections import HyperConnections
 from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 from torch.utils.checkpoint import checkpoint
@@ -59,18 +66,22 @@ class Modulation:
 
 
 class AdaptiveNorm(Module):
-    """Pre-norm before a sub-layer and the gated residual after it (see module docstring)."""
+    """Pre-norm before a sub-layer and the gated residual after it (see module docstring).
 
-    def __init__(self, dim: int, dim_cond: int):
+    gate_init_bias: the modality gate's initial pre-sigmoid value (0.12's `ada_ln_zero_init_bias`)
+    """
+
+    def __init__(self, dim: int, dim_cond: int, gate_init_bias: float = -2.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.text_gain = nn.Parameter(torch.zeros(dim))
         self.text_layerscale = nn.Parameter(torch.zeros(dim))
         self.to_scale_shift = nn.Linear(dim_cond, dim * 2)
         self.to_gate = nn.Linear(dim_cond, dim)
-        for linear in (self.to_scale_shift, self.to_gate):
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+        nn.init.zeros_(self.to_scale_shift.weight)
+        nn.init.zeros_(self.to_scale_shift.bias)
+        nn.init.zeros_(self.to_gate.weight)
+        nn.init.constant_(self.to_gate.bias, gate_init_bias)
 
     def tables(self, instance_cond: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """(scale, shift, gate) tables of shape (1 + m, d): row 0 text, then one row per instance."""
@@ -80,7 +91,7 @@ class AdaptiveNorm(Module):
         if not exists(instance_cond) or instance_cond.shape[0] == 0:
             return text_scale, text_shift, text_gate
         scale, shift = self.to_scale_shift(instance_cond).chunk(2, dim=-1)
-        gate = self.to_gate(instance_cond)
+        gate = self.to_gate(instance_cond).sigmoid()
         return (
             torch.cat((text_scale, 1.0 + scale)),
             torch.cat((text_shift, shift)),
@@ -113,51 +124,37 @@ class RMSNorm(Module):
         return F.normalize(x, dim=-1) * self.scale * (self.gamma + 1.0)
 
 
-class HyperConnection(Module):
-    """Dynamic hyper-connections (Zhu et al. 2024, arXiv 2409.19606) around one sub-layer.
+def hyper_connection(hyper: HyperConnections, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """Dynamic hyper-connections (Zhu et al. 2024, arXiv 2409.19606), from `hyper_connections`.
 
-    The residual stream is widened to `s` copies, `x: (b, n, s, d)`. The sub-layer reads a
-    learned mix of the copies (`read`); the copies also mix among themselves, and each gets
-    the sub-layer's output back with a learned weight (`write`). Every weight is a static
-    part plus a small token-dependent part, `scale * tanh(norm(x) @ W)`, with `W` zero at
-    initialisation. The static part starts as a plain residual: sub-layer `k` reads copy
-    `k mod s`, the copies pass through unchanged and all get the output with weight 1.
+    `x (b s, n, d)` holds `s` copies of the residual stream. Returns the sub-layer's input
+    `(b, n, d)`, a learned mix of the copies, and the function that mixes the copies and
+    adds the sub-layer's output back to each with a learned weight. The package starts as
+    a plain residual: sub-layer `k` reads copy `k mod s` and every copy gets the output.
+
+    Both mixes run outside autocast: the copies *are* the residual stream, so they stay in
+    the parameters' dtype (fp32 under bf16 autocast), as the plain residual `x + h` does.
     """
+    device_type = x.device.type
+    with torch.autocast(device_type, enabled=False):
+        branch_input, add_residual = hyper(x)
 
-    def __init__(self, dim: int, num_streams: int, layer_index: int):
-        super().__init__()
-        read = torch.zeros(num_streams, 1)
-        read[layer_index % num_streams] = 1.0
-        self.static_alpha = nn.Parameter(torch.cat((read, torch.eye(num_streams)), dim=1))  # (s, 1 + s): read | mix
-        self.static_beta = nn.Parameter(torch.ones(num_streams))
-        self.norm = RMSNorm(dim)
-        self.dynamic_alpha = nn.Parameter(torch.zeros(dim, num_streams + 1))
-        self.dynamic_beta = nn.Parameter(torch.zeros(dim))
-        self.alpha_scale = nn.Parameter(torch.tensor(1e-2))
-        self.beta_scale = nn.Parameter(torch.tensor(1e-2))
+    def write(branch_output: Tensor) -> Tensor:
+        with torch.autocast(device_type, enabled=False):
+            return add_residual(branch_output.to(x.dtype))
 
-    def read(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`x (b, n, s, d)` → the sub-layer's input `(b, n, d)`, the mixed copies `(b, n, s, d)`
-        and the write weights `(b, n, s)`.
-
-        The copies *are* the residual stream, so they are mixed in fp32 even under autocast
-        (as the plain residual `x + h` stays fp32); the mixing matmuls are tiny."""
-        with torch.autocast(x.device.type, enabled=False):
-            x32 = x.float()
-            normed = self.norm(x32)
-            alpha = self.static_alpha + self.alpha_scale * torch.tanh(normed @ self.dynamic_alpha.float())  # (b, n, s, 1 + s)
-            beta = self.static_beta + self.beta_scale * torch.tanh(normed @ self.dynamic_beta.float())  # (b, n, s)
-            mixed = torch.einsum("b n s t, b n s d -> b n t d", alpha, x32).to(x.dtype)
-        return mixed[..., 0, :], mixed[..., 1:, :], beta.to(x.dtype)
-
-    @staticmethod
-    def write(output: Tensor, copies: Tensor, beta: Tensor) -> Tensor:
-        return copies + beta[..., None] * output[..., None, :]
+    return branch_input, write
 
 
 class Block(Module):
     def __init__(
-        self, dim: int, dim_cond: int, attn: Attention, ff: FeedForward, skip_proj: Module | None, hyper: tuple[HyperConnection, HyperConnection] | None = None
+        self,
+        dim: int,
+        dim_cond: int,
+        attn: Attention,
+        ff: FeedForward,
+        skip_proj: Module | None,
+        hyper: tuple[HyperConnections, HyperConnections] | None = None,
     ):
         super().__init__()
         self.attn_norm = AdaptiveNorm(dim, dim_cond)
@@ -168,13 +165,13 @@ class Block(Module):
         self.hyper = ModuleList(hyper) if exists(hyper) else None
 
     def forward(self, x, instance_cond, modulation: Modulation, rotary, mask: AttentionMask, cache: KVCache | KVCacheRows | None, layer_index: int):
-        """x: `(b, n, d)`, or `(b, n, s, d)` with hyper-connections."""
+        """x: `(b, n, d)`, or `(b s, n, d)` with `s` hyper-connection copies of the residual."""
         for sub, (norm, fn) in enumerate(((self.attn_norm, "attn"), (self.ff_norm, "ff"))):
             scale, shift, gate = (modulation.gather(table) for table in norm.tables(instance_cond))
-            h, copies, beta = self.hyper[sub].read(x) if exists(self.hyper) else (x, None, None)
+            h, write = hyper_connection(self.hyper[sub], x) if exists(self.hyper) else (x, None)
             h = norm.norm(h) * scale + shift
             h = self.attn(h, rotary, mask, cache, layer_index) if fn == "attn" else self.ff(h)
-            x = HyperConnection.write(h * gate, copies, beta) if exists(self.hyper) else x + h * gate
+            x = write(h * gate) if exists(write) else x + h * gate
         return x
 
 
@@ -191,10 +188,10 @@ class Transformer(Module):
             (U-ViT, arXiv 2209.12152)
         use_flex_attn: flex attention on CUDA (SDPA is used elsewhere regardless)
         use_checkpoint: activation checkpointing of each block while training
-        num_residual_streams: residual copies for hyper-connections (arXiv 2409.19606);
-            1 is the plain residual
-        num_residual_fracs: kept for 0.12's signature; frac-connections are not implemented,
-            so only 4 (0.12's default, ignored) and 1 are accepted
+        num_residual_streams: residual copies for hyper-connections (arXiv 2409.19606, the
+            `hyper-connections` package); 1 is the plain residual
+        num_residual_fracs: kept for 0.12's signature, which ignored it: frac-connections
+            (arXiv 2503.14125) stay off, and only 4 (0.12's default) and 1 are accepted
     """
 
     def __init__(
@@ -227,7 +224,7 @@ class Transformer(Module):
         if not isinstance(num_residual_streams, int) or isinstance(num_residual_streams, bool) or num_residual_streams <= 0:
             raise ValueError(f"`num_residual_streams` must be a positive int, got {num_residual_streams!r}")
         if num_residual_fracs not in (1, 4):
-            raise ValueError(f"`num_residual_fracs` must be 1 or 4 (0.12's default): frac-connections are not implemented, got {num_residual_fracs!r}")
+            raise ValueError(f"`num_residual_fracs` must be 1 or 4 (0.12's default, ignored): frac-connections are not used, got {num_residual_fracs!r}")
 
         self.dim = dim
         self.depth = depth
@@ -251,8 +248,8 @@ class Transformer(Module):
             attn = Attention(dim, dim_head=dim_head, heads=heads, dropout=dropout, use_flex_attn=use_flex_attn, laser=attn_laser, **attn_kwargs)
             ff = FeedForward(dim, expansion_factor=ff_expansion_factor, dropout=dropout, **ff_kwargs)
             hyper = None
-            if num_residual_streams > 1:
-                hyper = (HyperConnection(dim, num_residual_streams, 2 * index), HyperConnection(dim, num_residual_streams, 2 * index + 1))
+            if num_residual_streams > 1:  # frac-connections stay off: num_fracs=1 whatever `num_residual_fracs` says
+                hyper = tuple(HyperConnections(num_residual_streams, dim=dim, layer_index=2 * index + sub, num_fracs=1) for sub in range(2))
             self.blocks.append(Block(dim, dim_cond, attn, ff, skip_proj, hyper))
 
         self.norm = RMSNorm(dim)
@@ -286,7 +283,7 @@ class Transformer(Module):
         use_checkpoint = self.use_checkpoint and self.training and cache is None and torch.is_grad_enabled()
 
         streams = self.num_residual_streams
-        x = tokens if streams == 1 else tokens[..., None, :].expand(*tokens.shape[:-1], streams, tokens.shape[-1])  # (b, n, s, d)
+        x = tokens if streams == 1 else repeat(tokens, "b n d -> (b s) n d", s=streams)
         skips = []
         num_skips = sum(exists(block.skip_proj) for block in self.blocks)
 
@@ -301,4 +298,4 @@ class Transformer(Module):
             else:
                 x = block(x, instance_cond, modulation, rotary, mask, cache, index)
 
-        return self.norm(x if streams == 1 else x.sum(dim=-2))
+        return self.norm(x if streams == 1 else reduce(x, "(b s) n d -> b n d", "sum", s=streams))
