@@ -34,6 +34,7 @@ Evaluation (`<out>/eval.json`), for the online and the EMA weights:
 The grid of generated digits (rows 0-9) is `<out>/samples.png`.
 
     python train_mnist.py                   # the default run: 11-12 minutes on 2 idle CPU cores
+    python train_mnist.py --device cuda     # on a GPU (--device auto, the default, takes it when there is one)
     python train_mnist.py --resume latest   # continue <out>/checkpoints/latest.pt
     python train_mnist.py --eval-only runs/mnist/checkpoints/latest.pt
 """
@@ -48,21 +49,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.codecs import Patchify, Unpatchify
-from transfusion_pytorch.mnist import (
+from transfusion_pytorch.examples.judges import classify, train_classifier
+from transfusion_pytorch.examples.mnist import (
     DIGIT_WORDS,
     NUM_TEXT_TOKENS,
     caption_image_pairs,
     caption_of,
-    classify,
     decode_caption,
     load_digits,
     to_unit_pixels,
-    train_classifier,
 )
 from transfusion_pytorch.training import RunLogger, breakdown_metrics, load_checkpoint, make_precision, save_checkpoint
 
@@ -81,6 +80,38 @@ def build_model(args) -> Transfusion:
         unconditional_prob=args.unconditional_prob,
         transformer=dict(dim=args.dim, depth=args.depth, dim_head=args.dim // args.heads, heads=args.heads),
     )
+
+
+def resolve_device(name: str) -> torch.device:
+    """`--device`: `cpu`, `cuda`, or `auto` (cuda when there is one, else cpu)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`--device cuda` needs CUDA, and this torch sees no CUDA device; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"`--device` must be cpu, cuda or auto, got {name!r}")
+    return torch.device(name)
+
+
+def device_argument(name: str) -> str:
+    """argparse `type` for `--device`: refuses cuda without CUDA at parse time, with a usage error."""
+    if name == "cuda":
+        try:
+            resolve_device(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return name  # unknown names fall through to `choices`, which lists the valid ones
+
+
+def make_optimizer(parameters, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where this torch has one for the parameters' device (CPU and
+    CUDA since torch 2.4), else the foreach one: one kernel over all tensors instead of a Python
+    loop over them."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.AdamW(parameters, fused=True, **kwargs)
+    except RuntimeError:  # "`fused=True` requires all the params to be ... of supported devices"
+        return torch.optim.AdamW(parameters, foreach=True, **kwargs)
 
 
 def flow_times(image_first: torch.Tensor, caption_min_time: float) -> torch.Tensor:
@@ -116,7 +147,7 @@ def warmup_cosine(warmup: int, total: int, final_fraction: float = 0.1):
 def generation_prompt(model: Transfusion, digit: int) -> torch.Tensor:
     """`caption [meta] "7,7" [som]`: text that opens the image, so sampling starts with it."""
     before, _ = model.ids.modality_wrapper(0, IMAGE_SHAPE)
-    return torch.cat((caption_of(digit), torch.tensor(before)))
+    return torch.cat((caption_of(digit), torch.tensor(before))).to(model.device)
 
 
 def generate_digits(sampler, model: Transfusion, digits: list[int], modality_steps: int, cfg_scale: float = 1.0) -> torch.Tensor:
@@ -148,7 +179,7 @@ def evaluate(sampler, model: Transfusion, classifier, split, args) -> tuple[dict
     digits = [d for d in range(10) for _ in range(args.eval_per_digit)]
     images = generate_digits(sampler, model, digits, args.modality_steps, args.cfg_scale)
     predicted = classify(classifier, images).reshape(10, args.eval_per_digit)
-    per_digit = (predicted == torch.arange(10)[:, None]).float().mean(dim=1)
+    per_digit = (predicted == torch.arange(10, device=predicted.device)[:, None]).float().mean(dim=1).cpu()
 
     num_captions = min(args.eval_captions, len(split.eval_labels))
     words = caption_images(sampler, split.eval_images[:num_captions])
@@ -173,7 +204,7 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 10, scale: int = 
     columns = min(columns, n)
     gap = 2
     canvas = np.full((rows * (28 + gap) + gap, columns * (28 + gap) + gap), 128, dtype=np.uint8)
-    pixels = (to_unit_pixels(images[:, :columns, 0]) * 255).round().byte().numpy()
+    pixels = (to_unit_pixels(images[:, :columns, 0]) * 255).round().byte().cpu().numpy()
     for r in range(rows):
         for c in range(columns):
             y, x = gap + r * (28 + gap), gap + c * (28 + gap)
@@ -195,11 +226,9 @@ def run_evaluation(model: Transfusion, ema, split, args, out: Path, step: int, p
     weights = {"model": model} | ({"ema": ema} if ema is not None else {})
     for name, sampler in weights.items():
         t = time.time()
-        generator_state = torch.get_rng_state()
-        torch.manual_seed(args.seed)  # the same noise for both sets of weights
-        with precision.autocast():
+        with torch.random.fork_rng(), precision.autocast():  # leaves the training RNG (CPU and CUDA) where it was
+            torch.manual_seed(args.seed)  # the same noise for both sets of weights
             results[name], grids[name] = evaluate(sampler, model, classifier, split, args)
-        torch.set_rng_state(generator_state)
         results[name]["eval_seconds"] = round(time.time() - t, 1)
         per_digit = " ".join(f"{d}:{a:.0%}" for d, a in results[name]["generation_accuracy_per_digit"].items())
         print(
@@ -237,24 +266,25 @@ def run_evaluation(model: Transfusion, ema, split, args, out: Path, step: int, p
 
 
 def main(args):
+    device = resolve_device(args.device)  # first: a bad --device fails before anything runs
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     latest = out / "checkpoints" / "latest.pt"
-    precision = make_precision(args.use_amp, args.amp_dtype)
-    split = load_digits(args.data_dir, num_eval=args.num_eval, seed=args.seed)
+    precision = make_precision(args.use_amp, args.amp_dtype, device)
+    split = load_digits(args.data_dir, num_eval=args.num_eval, seed=args.seed).to(device)
 
     if args.eval_only:
-        model = Transfusion.from_checkpoint(args.eval_only)
+        model = Transfusion.from_checkpoint(args.eval_only).to(device)
         ema = model.create_ema(beta=args.ema_beta)
         state = load_checkpoint(args.eval_only, model, ema=ema, restore_rng=False)
         return run_evaluation(model, ema, split, args, out, state["step"], precision)
 
-    model = build_model(args)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    model = build_model(args).to(device)
+    optimizer = make_optimizer(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, args.steps))
-    ema = model.create_ema(beta=args.ema_beta, update_after_step=args.warmup, update_every=1)
+    ema = model.create_ema(beta=args.ema_beta, update_after_step=args.warmup, update_every=1)  # a copy of the model, on its device
 
     start_step = 0
     if args.resume:
@@ -263,7 +293,7 @@ def main(args):
         print(f"resumed from {path} at step {start_step}")
 
     num_params = sum(p.numel() for p in model.parameters())
-    print(f"{num_params / 1e6:.2f}M parameters, {len(split.train_labels)} training digits, {len(split.eval_labels)} held out")
+    print(f"{num_params / 1e6:.2f}M parameters on {device}, {len(split.train_labels)} training digits, {len(split.eval_labels)} held out")
     logger = RunLogger(out, use_wandb=args.wandb, project="transfusion-mnist", config=vars(args))
 
     def checkpoint(step):
@@ -275,17 +305,16 @@ def main(args):
     last_log, steps_since_log = time.time(), 0
     breakdown = None
     for step in progress:
-        index = torch.randint(0, len(split.train_labels), (args.batch_size,))
+        # drawn on the CPU (the same batches on every device), then moved to the model's device
+        index = torch.randint(0, len(split.train_labels), (args.batch_size,)).to(device)
         image_first = torch.rand(args.batch_size) < args.caption_fraction
         batch = caption_image_pairs(split.train_images[index], split.train_labels[index], image_first)
+        times = flow_times(image_first, args.caption_min_time).to(device)
 
-        times = flow_times(image_first, args.caption_min_time)
-
-        # the plain (math) SDPA kernel: on CPU, for these 60-token rows, it is faster than the
-        # flash kernel, whose backward with a boolean mask is slow
-        with precision.autocast(), sdpa_kernel(SDPBackend.MATH):
+        with precision.autocast():
             loss, breakdown = model(batch, times=times, return_breakdown=True)
-        grad_norm = precision.step(loss, optimizer, model.parameters(), max_grad_norm=args.max_grad_norm)
+        # a non-finite loss or gradient stops the run naming the term and step (training.NonFiniteError); the last checkpoint stays good
+        grad_norm = precision.step(loss, optimizer, model.named_parameters(), max_grad_norm=args.max_grad_norm, breakdown=breakdown, step=step)
         scheduler.step()
         ema.update()
         done = step + 1
@@ -342,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", type=device_argument, help="auto: cuda when there is one, else cpu")
     parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on: ~3x faster on CPU)")
     parser.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--checkpoint-every", type=int, default=500)

@@ -6,6 +6,7 @@ learns text → latent and latent → text. After training it is prompted with e
 caption and the mean of the generated latent should have the caption's sign.
 
     python train_toy.py --steps 300
+    python train_toy.py --device cuda --use-amp    # on a GPU, bf16 autocast
 """
 
 from __future__ import annotations
@@ -18,19 +19,51 @@ from transfusion_pytorch import Transfusion, print_modality_sample
 from transfusion_pytorch.training import RunLogger, breakdown_metrics, make_precision
 
 
-def make_batch(batch_size: int, generator: torch.Generator) -> list:
+def resolve_device(name: str) -> torch.device:
+    """`--device`: `cpu`, `cuda`, or `auto` (cuda when there is one, else cpu)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`--device cuda` needs CUDA, and this torch sees no CUDA device; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"`--device` must be cpu, cuda or auto, got {name!r}")
+    return torch.device(name)
+
+
+def device_argument(name: str) -> str:
+    """argparse `type` for `--device`: refuses cuda without CUDA at parse time, with a usage error."""
+    if name == "cuda":
+        try:
+            resolve_device(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return name  # unknown names fall through to `choices`, which lists the valid ones
+
+
+def make_optimizer(parameters, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where this torch has one for the parameters' device, else foreach."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.AdamW(parameters, fused=True, **kwargs)
+    except RuntimeError:  # "`fused=True` requires all the params to be ... of supported devices"
+        return torch.optim.AdamW(parameters, foreach=True, **kwargs)
+
+
+def make_batch(batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu") -> list:
+    """Drawn on the CPU from `generator` (the same data on every device), then moved to `device`."""
     labels = torch.randint(0, 2, (batch_size,), generator=generator)
     batch = []
     for label in labels.tolist():
         sign = 1.0 if label == 0 else -1.0
-        latent = sign + 0.1 * torch.randn(4, 4, 8, generator=generator)
-        caption = torch.tensor([label])
+        latent = (sign + 0.1 * torch.randn(4, 4, 8, generator=generator)).to(device)
+        caption = torch.tensor([label], device=device)
         image_first = bool(torch.randint(0, 2, (1,), generator=generator))
         batch.append([latent, caption] if image_first else [caption, latent])
     return batch
 
 
 def main(args):
+    device = resolve_device(args.device)  # first: a bad --device fails before anything runs
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
@@ -41,15 +74,15 @@ def main(args):
         modality_default_shape=(4, 4),
         add_pos_emb=True,
         transformer=dict(dim=64, depth=2, dim_head=16, heads=4),
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    precision = make_precision(args.use_amp, args.amp_dtype)
+    ).to(device)
+    optimizer = make_optimizer(model.parameters(), lr=args.lr)
+    precision = make_precision(args.use_amp, args.amp_dtype, device)
     logger = RunLogger(args.out, use_wandb=args.wandb, project="transfusion-toy", config=vars(args))
 
     for step in range(1, args.steps + 1):
         with precision.autocast():
-            loss, breakdown = model(make_batch(args.batch_size, generator), return_breakdown=True)
-        grad_norm = precision.step(loss, optimizer, model.parameters())
+            loss, breakdown = model(make_batch(args.batch_size, generator, device), return_breakdown=True)
+        grad_norm = precision.step(loss, optimizer, model.named_parameters(), breakdown=breakdown, step=step)
         logger.log({**breakdown_metrics(breakdown), "grad_norm": float(grad_norm)}, step)
         if step == 1 or step % args.log_every == 0:
             print(f"step {step:4d}  loss {loss.item():.4f}  text {breakdown.text.item():.4f}  flow {breakdown.flow[0].item():.4f}")
@@ -57,7 +90,8 @@ def main(args):
     print("\nsamples (prompted with a caption, shape fixed to 4x4):")
     correct = 0
     for label, word in enumerate(("plus", "minus")):
-        sample = model.sample(prompt=torch.tensor([label, model.meta_id]), fixed_modality_shape=(4, 4), max_length=24, modality_steps=8, text_temperature=0.0)
+        prompt = torch.tensor([label, model.meta_id], device=device)
+        sample = model.sample(prompt=prompt, fixed_modality_shape=(4, 4), max_length=24, modality_steps=8, text_temperature=0.0)
         latents = [item[1] for item in sample if isinstance(item, tuple)]
         mean = latents[0].mean().item() if latents else float("nan")
         correct += (mean > 0) == (label == 0)
@@ -67,7 +101,7 @@ def main(args):
     logger.finish()
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -75,8 +109,13 @@ if __name__ == "__main__":
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", type=device_argument, help="auto: cuda when there is one, else cpu")
     parser.add_argument("--use-amp", action="store_true", help="bf16 autocast (fp16 with --amp-dtype fp16 on CUDA)")
     parser.add_argument("--amp-dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE)")
     parser.add_argument("--out", default="runs/toy", help="folder for metrics.jsonl")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())

