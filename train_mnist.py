@@ -63,7 +63,16 @@ from transfusion_pytorch.examples.mnist import (
     load_digits,
     to_unit_pixels,
 )
-from transfusion_pytorch.training import RunLogger, breakdown_metrics, load_checkpoint, make_precision, save_checkpoint
+from transfusion_pytorch.training import (
+    RunLogger,
+    breakdown_metrics,
+    device_argument,
+    load_checkpoint,
+    make_optimizer,
+    make_precision,
+    resolve_device,
+    save_checkpoint,
+)
 
 IMAGE_SHAPE = (7, 7)  # latent tokens per image side: 28 / patch size 4
 
@@ -80,38 +89,6 @@ def build_model(args) -> Transfusion:
         unconditional_prob=args.unconditional_prob,
         transformer=dict(dim=args.dim, depth=args.depth, dim_head=args.dim // args.heads, heads=args.heads),
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    """`--device`: `cpu`, `cuda`, or `auto` (cuda when there is one, else cpu)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("`--device cuda` needs CUDA, and this torch sees no CUDA device; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"`--device` must be cpu, cuda or auto, got {name!r}")
-    return torch.device(name)
-
-
-def device_argument(name: str) -> str:
-    """argparse `type` for `--device`: refuses cuda without CUDA at parse time, with a usage error."""
-    if name == "cuda":
-        try:
-            resolve_device(name)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    return name  # unknown names fall through to `choices`, which lists the valid ones
-
-
-def make_optimizer(parameters, **kwargs) -> torch.optim.AdamW:
-    """AdamW with the fused kernel where this torch has one for the parameters' device (CPU and
-    CUDA since torch 2.4), else the foreach one: one kernel over all tensors instead of a Python
-    loop over them."""
-    parameters = list(parameters)
-    try:
-        return torch.optim.AdamW(parameters, fused=True, **kwargs)
-    except RuntimeError:  # "`fused=True` requires all the params to be ... of supported devices"
-        return torch.optim.AdamW(parameters, foreach=True, **kwargs)
 
 
 def flow_times(image_first: torch.Tensor, caption_min_time: float) -> torch.Tensor:

@@ -16,37 +16,7 @@ import argparse
 import torch
 
 from transfusion_pytorch import Transfusion, print_modality_sample
-from transfusion_pytorch.training import RunLogger, breakdown_metrics, make_precision
-
-
-def resolve_device(name: str) -> torch.device:
-    """`--device`: `cpu`, `cuda`, or `auto` (cuda when there is one, else cpu)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("`--device cuda` needs CUDA, and this torch sees no CUDA device; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"`--device` must be cpu, cuda or auto, got {name!r}")
-    return torch.device(name)
-
-
-def device_argument(name: str) -> str:
-    """argparse `type` for `--device`: refuses cuda without CUDA at parse time, with a usage error."""
-    if name == "cuda":
-        try:
-            resolve_device(name)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    return name  # unknown names fall through to `choices`, which lists the valid ones
-
-
-def make_optimizer(parameters, **kwargs) -> torch.optim.AdamW:
-    """AdamW with the fused kernel where this torch has one for the parameters' device, else foreach."""
-    parameters = list(parameters)
-    try:
-        return torch.optim.AdamW(parameters, fused=True, **kwargs)
-    except RuntimeError:  # "`fused=True` requires all the params to be ... of supported devices"
-        return torch.optim.AdamW(parameters, foreach=True, **kwargs)
+from transfusion_pytorch.training import RunLogger, breakdown_metrics, device_argument, make_optimizer, make_precision, resolve_device
 
 
 def make_batch(batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu") -> list:

@@ -20,15 +20,6 @@ from transfusion_pytorch.training import NonFiniteError, Precision, load_checkpo
 TINY = dict(dim=16, depth=1, dim_head=8, heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------ non-finite losses and gradients
 
 

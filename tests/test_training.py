@@ -15,15 +15,6 @@ from transfusion_pytorch.codecs import Patchify, Unpatchify
 from transfusion_pytorch.training import RunLogger, breakdown_metrics, load_checkpoint, make_precision, read_checkpoint, save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(depth=2):
     return Transfusion(
         num_text_tokens=16,

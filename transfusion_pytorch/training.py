@@ -8,6 +8,7 @@ never reaches the weights, the optimizer or a checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -36,6 +37,9 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "make_precision",
+    "make_optimizer",
+    "resolve_device",
+    "device_argument",
     "model_from_config",
     "read_checkpoint",
     "save_checkpoint",
@@ -242,6 +246,41 @@ def make_precision(use_amp: bool = False, amp_dtype: str = "bf16", device: torch
         raise ValueError("`amp_dtype='fp16'` needs CUDA (with a GradScaler); use 'bf16' on the CPU")
     scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == "fp16" else None
     return Precision(use_amp=use_amp, dtype=AMP_DTYPES[amp_dtype], device_type=device_type, scaler=scaler)
+
+
+# ------------------------------------------------------------------ devices and optimizers
+
+
+def resolve_device(name: str) -> torch.device:
+    """`--device`: `cpu`, `cuda`, or `auto` (cuda when there is one, else cpu)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("`--device cuda` needs CUDA, and this torch sees no CUDA device; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"`--device` must be cpu, cuda or auto, got {name!r}")
+    return torch.device(name)
+
+
+def device_argument(name: str) -> str:
+    """argparse `type` for `--device`: refuses cuda without CUDA at parse time, with a usage error."""
+    if name == "cuda":
+        try:
+            resolve_device(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return name  # unknown names fall through to `choices`, which lists the valid ones
+
+
+def make_optimizer(parameters, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where this torch has one for the parameters' device (CPU and
+    CUDA since torch 2.4), else the foreach one: one kernel over all tensors instead of a Python
+    loop over them."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.AdamW(parameters, fused=True, **kwargs)
+    except RuntimeError:  # "`fused=True` requires all the params to be ... of supported devices"
+        return torch.optim.AdamW(parameters, foreach=True, **kwargs)
 
 
 # ------------------------------------------------------------------ logging
