@@ -8,6 +8,11 @@ Measures whichever `transfusion_pytorch` the running interpreter imports, using 
                  (3 warmup steps, then --steps timed steps)
   text128_s      median seconds of `generate_text_only` extending a (8, 16) prompt by
                  128 tokens (1 warmup, then --gen-repeats timed runs)
+  text128_b1_s   the same at batch 1 after a 1-token prompt (overhead-bound: one token's
+                 forward per step)
+  text128_compiled_s, text128_b1_compiled_s
+                 (this repo only: `generate_text_only(..., compile=True)`) the same two with
+                 the decode step under torch.compile; the warmup run includes the compile
   modality8_s    median seconds of `generate_modality_only(batch_size=8, modality_steps=16)`
                  (1 warmup, then 3 timed runs)
   peak_rss_mib   peak resident set size of the process at the end (ru_maxrss)
@@ -24,6 +29,7 @@ A call that raises is recorded as an error string for its metric instead of a nu
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -131,6 +137,11 @@ def main() -> None:
         results["train_step_bf16_s"] = statistics.median(bf16_times)
         results["bf16_speedup"] = results["train_step_fp32_s"] / results["train_step_bf16_s"]
     measure("text128_s", results, lambda: model.generate_text_only(prompt, 16 + 128, temperature=1.0), warmup=1, repeats=args.gen_repeats)
+    prompt_b1 = prompt[:1, :1]
+    measure("text128_b1_s", results, lambda: model.generate_text_only(prompt_b1, 1 + 128, temperature=1.0), warmup=1, repeats=args.gen_repeats)
+    if "compile" in inspect.signature(model.generate_text_only).parameters:
+        for name, p in (("text128_compiled_s", prompt), ("text128_b1_compiled_s", prompt_b1)):
+            measure(name, results, lambda p=p: model.generate_text_only(p, p.shape[1] + 128, temperature=1.0, compile=True), warmup=1, repeats=args.gen_repeats)
     measure("modality8_s", results, lambda: model.generate_modality_only(batch_size=8, modality_steps=16), warmup=1, repeats=3)
 
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -141,11 +152,21 @@ def main() -> None:
     print(
         f"transfusion_pytorch {results['package_version']} ({os.path.dirname(transfusion_pytorch.__file__)}), torch {torch.__version__}, {args.threads} threads"
     )
-    for key in ("train_step_s", "train_step_fp32_s", "train_step_bf16_s", "bf16_speedup", "text128_s", "modality8_s", "peak_rss_mib"):
+    keys = (
+        "train_step_s",
+        "train_step_fp32_s",
+        "train_step_bf16_s",
+        "bf16_speedup",
+        "text128_s",
+        "text128_b1_s",
+        "text128_compiled_s",
+        "text128_b1_compiled_s",
+    )
+    for key in (*keys, "modality8_s", "peak_rss_mib"):
         if key not in results:
             continue
         value = results[key]
-        print(f"  {key:<14} {value:10.4f}" if isinstance(value, float) else f"  {key:<14} {value}")
+        print(f"  {key:<22} {value:10.4f}" if isinstance(value, float) else f"  {key:<22} {value}")
 
     if args.json:
         with open(args.json, "w") as f:

@@ -18,6 +18,7 @@ the identity and costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jaxtyping
@@ -46,3 +47,19 @@ else:
 
     def typecheck(fn):
         return fn
+
+
+@contextlib.contextmanager
+def typecheck_disabled():
+    """Switch the checks off for a while: `torch.compile` cannot trace beartype / jaxtyping's
+    checks, so a compiled function runs (and is traced) without them. The eager path that it
+    is tested against keeps them."""
+    if not TYPECHECK:
+        yield
+        return
+    previous = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", previous)

@@ -117,8 +117,8 @@ class KVCache:
         end = start + keys.shape[-2]
         if end > self.capacity:
             self._grow(end)
-        self.keys[layer, rows, :, start:end] = keys
-        self.values[layer, rows, :, start:end] = values
+        self.keys[layer, rows, :, start:end] = keys.to(self.keys.dtype)  # under autocast the new keys may be bf16
+        self.values[layer, rows, :, start:end] = values.to(self.values.dtype)
         return self.keys[layer, rows, :, :end], self.values[layer, rows, :, :end]
 
     def commit(self, num_tokens: int):
@@ -143,6 +143,26 @@ class KVCacheRows:
 
     def commit(self, num_tokens: int):
         self.cache.commit(num_tokens)
+
+
+class SlotCache:
+    """Some rows of a `KVCache`'s whole preallocated buffer, where one decode step writes each row's
+    new token at `slot`, a `(1,)` tensor (gpt-fast's position-indexed write).
+
+    `update` returns the whole buffer, not the filled part: the shapes of a decode step depend on
+    the capacity only, never on the length, so `torch.compile` traces it once per capacity and
+    the caller's mask (`(b, 1, 1, capacity)`) hides the empty slots and the slots a row does not hold.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, slot: Tensor):
+        self.keys = keys  # (layers, b, h, capacity, dh), a view of the cache's storage
+        self.values = values
+        self.slot = slot
+
+    def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        self.keys[layer].index_copy_(-2, self.slot, keys.to(self.keys.dtype))
+        self.values[layer].index_copy_(-2, self.slot, values.to(self.values.dtype))
+        return self.keys[layer], self.values[layer]
 
 
 # flex attention, compiled once per process on first use on CUDA
@@ -213,7 +233,7 @@ class Attention(Module):
         x: Float["b n d"],
         rotary: Float["b 1 n dh"],
         mask: AttentionMask,
-        cache: KVCache | KVCacheRows | None = None,
+        cache: KVCache | KVCacheRows | SlotCache | None = None,
         layer_index: int = 0,
     ) -> Float["b n d"]:
         q, k, v = rearrange(self.to_qkv(x), "b n (qkv h dh) -> qkv b h n dh", qkv=3, h=self.heads)

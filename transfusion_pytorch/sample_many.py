@@ -27,9 +27,9 @@ import torch
 from einops import pack, unpack
 from torch import Tensor
 
-from .attention import KVCacheRows
+from .decoding import TokenDecoder
 from .flow import guided, integrate
-from .inputs import check_init_noise
+from .inputs import check_bool, check_init_noise
 from .sampling import (
     _Stream,
     finish,
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .transfusion import Transfusion
 
 
-def sample_many(model: Transfusion, prompts, init_modality_noise=None, **arguments) -> list[list]:
+def sample_many(model: Transfusion, prompts, init_modality_noise=None, compile: bool = False, **arguments) -> list[list]:
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise ValueError(f"`prompts` must be a non-empty list with one prompt per sample (None for none), got {type(prompts).__name__}")
     count = len(prompts)
@@ -56,35 +56,21 @@ def sample_many(model: Transfusion, prompts, init_modality_noise=None, **argumen
         raise ValueError(f"`init_modality_noise` lists {len(init_modality_noise)} tensors for {count} prompts")
     options = sampling_options(model, init_modality_noise=None if per_prompt_noise else init_modality_noise, **arguments)
     noises = [check_init_noise(n, model.dtype) for n in init_modality_noise] if per_prompt_noise else [options.init_noise] * count
+    decode = TokenDecoder(model, check_bool("compile", compile))
 
     if model.num_text_tokens == 0:  # nothing to write: one modality each, as `sample`
-        return [sample_interleaved(model, None, **arguments) for _ in prompts]
+        return [sample_interleaved(model, None, compile=compile, **arguments) for _ in prompts]
 
     ids, device = model.ids, model.device
-    guided_rows = options.cfg_scale != 1.0
     streams = [_Stream(model, cache_kv=False) for _ in prompts]
     for stream, prompt in zip(streams, prompts):
         start_prompt(model, stream, prompt)
         open_forced_modality(model, stream, options)
 
-    cache = model.transformer.new_cache(count * (2 if guided_rows else 1), capacity=256, device=device, dtype=model.dtype)
-    holds = torch.zeros(count, 0, dtype=torch.bool, device=device)  # the cache slots each row really holds
-    positions = torch.zeros(count, dtype=torch.long, device=device)  # the next rotary position of each row
+    state = Rows(model, count, guided=options.cfg_scale != 1.0)
     written = [0] * count  # new tokens of each sample (its budget is `max_length`)
     done = [False] * count
-    logits: dict[int, Tensor] = {}
-
-    def advance(rows: list[int], lengths: list[int], step: int):
-        """Commit `step` slots for every row; row `rows[i]` holds the first `lengths[i]` of them."""
-        nonlocal holds
-        new = torch.zeros(count, step, dtype=torch.bool, device=device)
-        for row, length in zip(rows, lengths):
-            new[row, :length] = True
-        holds = torch.cat((holds, new), dim=1)
-        cache.commit(step)
-
-    def view(rows: list[int]) -> KVCacheRows:
-        return cache.rows(torch.tensor(rows, device=device))
+    logits: dict[int, Tensor] = {}  # next-token logits of each sample
 
     # prefill: every prompt at once, right-padded (causal masking hides the padding from real tokens)
     instances: list[tuple[int, Tensor]] = []
@@ -94,78 +80,128 @@ def sample_many(model: Transfusion, prompts, init_modality_noise=None, **argumen
         instances += [(t, x) for t, x in zip(stream.types, stream.latents)]
         rows.append([s + offset if isinstance(s, int) else s for s in stream.segments])
     embed, layout, _ = model.predict(
-        rows, [t for t, _ in instances], [x for _, x in instances], torch.ones(len(instances), device=device), cache=view(list(range(count)))
+        rows, [t for t, _ in instances], [x for _, x in instances], torch.ones(len(instances), device=device), cache=state.cache.rows(slice(0, count))
     )
     lengths = layout.lengths.tolist()
-    advance(list(range(count)), lengths, layout.seq_len)
-    for row, length in enumerate(lengths):
-        positions[row] = layout.positions[row, length - 1] + 1
-        logits[row] = model.to_text_logits(embed[row, length - 1])
+    state.advance(list(range(count)), lengths, layout.seq_len)
+    for sample, length in enumerate(lengths):
+        state.positions[sample] = layout.positions[sample, length - 1] + 1
+        logits[sample] = model.to_text_logits(embed[sample, length - 1])
 
     while not all(done):
+        state.drop_finished(done)
+
         # 1. modalities: every sample whose stream ends in an open [som]
         opening = []
-        for row, stream in enumerate(streams):
-            modality_type = None if done[row] else som_modality(model, stream)
+        for row, sample in enumerate(state.live):
+            modality_type = som_modality(model, streams[sample])
             if modality_type is None:
                 continue
-            shape = modality_shape(model, stream, modality_type, options.fixed_shape)
-            if math.prod(shape) > options.max_length - written[row]:  # does not fit: the sample ends here
-                stream.add_text([ids.eos])
-                done[row] = True
+            shape = modality_shape(model, streams[sample], modality_type, options.fixed_shape)
+            if math.prod(shape) > options.max_length - written[sample]:  # does not fit: the sample ends here
+                streams[sample].add_text([ids.eos])
+                done[sample] = True
                 continue
-            opening.append((row, modality_type, shape, modality_noise(model, modality_type, shape, noises[row])))
+            opening.append((row, modality_type, shape, modality_noise(model, modality_type, shape, noises[sample])))
         if opening:
-            generate_modalities(model, streams, opening, cache, holds, positions, options, advance)
+            generate_modalities(model, [streams[state.live[row]] for row, *_ in opening], opening, state, options)
+            feeding = {}
             for row, modality_type, shape, _ in opening:
-                written[row] += math.prod(shape)
-                positions[row] += 1
-                streams[row].add_text([model.spec(modality_type).eom_id])
-            feeding = [row for row, *_ in opening]
+                sample = state.live[row]
+                written[sample] += math.prod(shape)
+                state.positions[row] += 1
+                streams[sample].add_text([model.spec(modality_type).eom_id])
+                if written[sample] >= options.max_length:  # the modality spent the budget: the sample ends after its [eom], as in `sample`
+                    done[sample] = True
+                else:
+                    feeding[sample] = model.spec(modality_type).eom_id
         else:
             # 2. text: one token for every sample writing text
-            feeding = []
-            writing = [row for row in range(count) if not done[row]]
+            feeding = {}
+            writing = [row for row, sample in enumerate(state.live) if not done[sample]]
             if not writing:  # the last ones ended on a modality that did not fit
                 break
-            tokens = sample_token(torch.stack([logits[row] for row in writing]), options.text_temperature, options.text_min_p)[:, 0].tolist()
+            tokens = sample_token(torch.stack([logits[state.live[row]] for row in writing]), options.text_temperature, options.text_min_p)[:, 0].tolist()
             for row, token in zip(writing, tokens):
-                streams[row].add_text([token])
-                written[row] += 1
-                if token == ids.eos or written[row] >= options.max_length:
-                    done[row] = True
+                sample = state.live[row]
+                streams[sample].add_text([token])
+                written[sample] += 1
+                if token == ids.eos or written[sample] >= options.max_length:
+                    done[sample] = True
                 else:
-                    feeding.append(row)
+                    feeding[sample] = token
 
-        # 3. feed every sample's one new token, for its next logits
+        # 3. one decode step feeds every sample's one new token (a drawn token, or the `[eom]`
+        # after a modality) and gives its next logits; the other rows' slots stay hidden
         if feeding:
-            new_tokens = [streams[row].segments[-1][-1:] for row in feeding]
-            embed, _, _ = model.predict(
-                [[token] for token in new_tokens],
-                [],
-                [],
-                torch.zeros(0, device=device),
-                cache=view(feeding),
-                position_offset=positions[feeding, None],
-                prefix_valid=holds[feeding],
-            )
-            advance(feeding, [1] * len(feeding), 1)
-            for i, row in enumerate(feeding):
-                positions[row] += 1
-                logits[row] = model.to_text_logits(embed[i, -1])
+            state.drop_finished(done)
+            row_of = {sample: row for row, sample in enumerate(state.live)}
+            for row, row_logits in state.feed(decode, {row_of[sample]: token for sample, token in feeding.items()}).items():
+                logits[state.live[row]] = row_logits
 
     return [finish(model, stream, options.unprocessed) for stream in streams]
 
 
-def generate_modalities(model: Transfusion, streams, opening, cache, holds: Tensor, positions: Tensor, options, advance):
+class Rows:
+    """The shared cache and what each of its rows holds.
+
+    Row `r` of the cache is sample `live[r]` (with guidance, its unconditional twin is row
+    `len(live) + r`). The cache advances by the same number of slots for every row; `holds
+    (rows, slots)` marks the slots a row really holds, `positions (rows,)` its next rotary
+    position. Once half the rows belong to finished samples, they are dropped (one copy of
+    the cache), so finished samples stop costing compute.
+    """
+
+    def __init__(self, model: Transfusion, count: int, guided: bool):
+        device = model.device
+        self.guided = guided
+        self.live = list(range(count))
+        self.cache = model.transformer.new_cache(count * (2 if guided else 1), capacity=256, device=device, dtype=model.dtype)
+        self.holds = torch.zeros(count, 0, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(count, dtype=torch.long, device=device)
+
+    def advance(self, rows: list[int], lengths: list[int], step: int):
+        """Commit `step` slots for every row; row `rows[i]` holds the first `lengths[i]` of them."""
+        new = torch.zeros(len(self.live), step, dtype=torch.bool, device=self.holds.device)
+        for row, length in zip(rows, lengths):
+            new[row, :length] = True
+        self.holds = torch.cat((self.holds, new), dim=1)
+        self.cache.commit(step)
+
+    def feed(self, decode: TokenDecoder, tokens: dict[int, int]) -> dict[int, Tensor]:
+        """One decode step over the conditional rows; rows in `tokens` write their token, the
+        others' slot stays hidden. Returns the logits of the rows that wrote."""
+        rows = len(self.live)
+        fed = torch.zeros(rows, dtype=torch.bool, device=self.holds.device)
+        fed[list(tokens)] = True
+        ids = torch.zeros(rows, dtype=torch.long, device=self.holds.device)
+        ids[list(tokens)] = torch.tensor(list(tokens.values()), device=self.holds.device)
+        logits = decode(self.cache, ids, self.positions, self.holds, rows=slice(0, rows))
+        self.holds = torch.cat((self.holds, fed[:, None]), dim=1)
+        self.positions += fed
+        return {row: logits[row] for row in tokens}
+
+    def drop_finished(self, done: list[bool]):
+        finished = sum(done[sample] for sample in self.live)
+        if finished == 0 or 2 * finished < len(self.live):
+            return
+        keep = torch.tensor([row for row, sample in enumerate(self.live) if not done[sample]], dtype=torch.long, device=self.holds.device)
+        cache_rows = torch.cat((keep, keep + len(self.live))) if self.guided else keep
+        self.cache.keys, self.cache.values = self.cache.keys[:, cache_rows], self.cache.values[:, cache_rows]
+        self.holds, self.positions = self.holds[keep], self.positions[keep]
+        self.live = [self.live[row] for row in keep.tolist()]
+
+
+def generate_modalities(model: Transfusion, streams, opening, state: Rows, options):
     """One ODE solve for every opened modality (each its own type and shape, after its own cached
     prefix), guided when `cfg_scale != 1`; then the clean modalities are committed to the cache."""
     rows = [row for row, *_ in opening]
     types = [modality_type for _, modality_type, _, _ in opening]
-    count, instances = len(streams), [[i] for i in range(len(opening))]
-    state, packed_shapes = pack([noise for *_, noise in opening], "*")
-    cached_rows = torch.tensor(rows, device=holds.device)
-    offsets, prefix_valid = positions[rows, None], holds[rows]
+    count, instances = len(state.live), [[i] for i in range(len(opening))]
+    packed, packed_shapes = pack([noise for *_, noise in opening], "*")
+    cached_rows = torch.tensor(rows, device=state.holds.device)
+    offsets, prefix_valid = state.positions[rows, None], state.holds[rows]
+    cache = state.cache
     # with guidance the unconditional twins live in rows count … 2·count − 1 of the cache
     twice = (cache.rows(torch.cat((cached_rows, cached_rows + count))), torch.cat((offsets, offsets)), torch.cat((prefix_valid, prefix_valid)))
     once = (cache.rows(cached_rows), offsets, prefix_valid)
@@ -184,11 +220,11 @@ def generate_modalities(model: Transfusion, streams, opening, cache, holds: Tens
             return torch.stack((pack(v[:half], "*")[0], pack(v[half:], "*")[0])).float()
         return pack(v, "*")[0].float()
 
-    latents = unpack(integrate(guided(velocity_fn, options.cfg_scale), state, options.modality_steps, model.odeint_kwargs), packed_shapes, "*")
+    latents = unpack(integrate(guided(velocity_fn, options.cfg_scale), packed, options.modality_steps, model.odeint_kwargs), packed_shapes, "*")
 
     _, layout, _ = model.predict(
-        instances, types, latents, torch.ones(len(rows), device=holds.device), cache=once[0], position_offset=offsets, prefix_valid=prefix_valid
+        instances, types, latents, torch.ones(len(rows), device=state.holds.device), cache=once[0], position_offset=offsets, prefix_valid=prefix_valid
     )
-    advance(rows, [math.prod(shape) for _, _, shape, _ in opening], layout.seq_len)
-    for (row, modality_type, _, _), latent in zip(opening, latents):
-        streams[row].add_instance(modality_type, latent, pending=False)
+    state.advance(rows, [math.prod(shape) for _, _, shape, _ in opening], layout.seq_len)
+    for stream, (_, modality_type, _, _), latent in zip(streams, opening, latents):
+        stream.add_instance(modality_type, latent, pending=False)

@@ -22,6 +22,7 @@ from einops import pack, unpack
 from torch import Tensor
 
 from .attention import KVCache
+from .decoding import TokenDecoder
 from .flow import guided, integrate
 from .helpers import exists
 from .inputs import (
@@ -82,13 +83,14 @@ def text_step(model: Transfusion, ids: Tensor, cache: KVCache, position: int) ->
     return model.to_text_logits(embed[:, -1])
 
 
-def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature: float = 1.5, min_p: float = 0.1) -> Tensor:
+def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature: float = 1.5, min_p: float = 0.1, compile: bool = False) -> Tensor:
     prompt = check_text(prompt, "prompt", model.ids.vocab_size)
     if prompt.ndim != 2 or prompt.shape[0] == 0 or prompt.shape[1] == 0:
         raise ValueError(f"`prompt` must have shape (batch >= 1, prompt_len >= 1), got {tuple(prompt.shape)}")
     seq_len = check_int("seq_len", seq_len)
     temperature = check_float("temperature", temperature, 0.0)
     min_p = check_float("min_p", min_p, 0.0, 1.0)
+    decode = TokenDecoder(model, check_bool("compile", compile))
 
     prompt = prompt.to(model.device)
     batch, prompt_len = prompt.shape
@@ -96,8 +98,10 @@ def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature:
     if num_new == 0:
         return prompt[:, :0]
 
-    cache = model.transformer.new_cache(batch, capacity=prompt_len + num_new, device=model.device, dtype=model.dtype)
+    # every token's slot is known: the cache holds exactly the prompt and the new tokens
+    cache = model.transformer.new_cache(batch, capacity=prompt_len + num_new - 1, device=model.device, dtype=model.dtype)
     logits = text_step(model, prompt, cache, position=0)
+    positions = torch.full((batch,), prompt_len, device=model.device)
 
     out = []
     for step in range(num_new):
@@ -106,7 +110,7 @@ def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature:
         out.append(token)
         if step == num_new - 1:
             break
-        logits = text_step(model, token, cache, position=prompt_len + step)
+        logits = decode(cache, token[:, 0], positions + step)
 
     return torch.cat(out, dim=1)
 
@@ -169,9 +173,10 @@ def generate_modality(
 class _Stream:
     """The sequence sampled so far: text id tensors and modality instances, plus the KV cache."""
 
-    def __init__(self, model: Transfusion, cache_kv: bool, cfg_scale: float = 1.0):
+    def __init__(self, model: Transfusion, cache_kv: bool, cfg_scale: float = 1.0, compile: bool = False):
         self.model = model
         self.cfg_scale = cfg_scale
+        self.decode = TokenDecoder(model, compile)
         self.segments: list[Tensor | int] = []
         self.types: list[int] = []
         self.latents: list[Tensor] = []
@@ -222,7 +227,11 @@ class _Stream:
             self.pending = []
             return model.to_text_logits(embed[0, -1])
         ids = torch.cat(self.pending)[None]
-        logits = text_step(model, ids, cache, self.next_position)[0]
+        if ids.shape[1] == 1:  # one token: the shared decode step on the conditional row
+            position = torch.tensor([self.next_position], device=ids.device)
+            logits = self.decode(self.full_cache, ids[0], position, rows=slice(0, 1))[0]
+        else:
+            logits = text_step(model, ids, cache, self.next_position)[0]
         self.next_position += ids.shape[1]
         self.pending = []
         return logits
@@ -346,7 +355,7 @@ def modality_noise(model: Transfusion, modality_type: int, shape: tuple[int, ...
     return init_noise[:num_tokens, :dim_latent].reshape(*shape, dim_latent).to(model.device)
 
 
-def sample_interleaved(model: Transfusion, prompt=None, cache_kv: bool = True, **arguments) -> list:
+def sample_interleaved(model: Transfusion, prompt=None, cache_kv: bool = True, compile: bool = False, **arguments) -> list:
     """One interleaved sample continuing `prompt`; `max_length` counts the new tokens (text and
     modality). A modality whose shape would not fit in the tokens left ends the sample: `[eos]`
     follows its `[som]` and nothing is generated (never a silently different shape)."""
@@ -357,7 +366,7 @@ def sample_interleaved(model: Transfusion, prompt=None, cache_kv: bool = True, *
         out = generate_modality(model, batch_size=1, modality_steps=options.modality_steps, return_unprocessed_modalities=options.unprocessed)
         return [(0, out[0])]
 
-    stream = _Stream(model, cache_kv, options.cfg_scale)
+    stream = _Stream(model, cache_kv, options.cfg_scale, check_bool("compile", compile))
     start_prompt(model, stream, prompt)
     open_forced_modality(model, stream, options)
 

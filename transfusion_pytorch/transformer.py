@@ -33,7 +33,7 @@ from torch.nn import Module, ModuleList
 from torch.utils.checkpoint import checkpoint
 
 from ._typing import Float, Int, typecheck
-from .attention import Attention, AttentionMask, KVCache, KVCacheRows, RotaryEmbedding
+from .attention import Attention, AttentionMask, KVCache, KVCacheRows, RotaryEmbedding, SlotCache
 from .helpers import exists
 
 
@@ -164,7 +164,7 @@ class Block(Module):
         self.skip_proj = skip_proj
         self.hyper = ModuleList(hyper) if exists(hyper) else None
 
-    def forward(self, x, instance_cond, modulation: Modulation, rotary, mask: AttentionMask, cache: KVCache | KVCacheRows | None, layer_index: int):
+    def forward(self, x, instance_cond, modulation: Modulation, rotary, mask: AttentionMask, cache: KVCache | KVCacheRows | SlotCache | None, layer_index: int):
         """x: `(b, n, d)`, or `(b s, n, d)` with `s` hyper-connection copies of the residual."""
         for sub, (norm, fn) in enumerate(((self.attn_norm, "attn"), (self.ff_norm, "ff"))):
             scale, shift, gate = (modulation.gather(table) for table in norm.tables(instance_cond))
@@ -265,7 +265,7 @@ class Transformer(Module):
         mask: AttentionMask,
         token_instance: Int["b n"] | None = None,
         instance_times: Float["m"] | None = None,
-        cache: KVCache | KVCacheRows | None = None,
+        cache: KVCache | KVCacheRows | SlotCache | None = None,
     ) -> Float["b n d"]:
         """
         tokens: (b, n, d) embedded text and modality tokens

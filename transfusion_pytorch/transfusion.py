@@ -122,8 +122,6 @@ class Transfusion(Module):
         self.unconditional_prob = check_float("unconditional_prob", unconditional_prob, 0.0, 1.0)
         self.null_embed = nn.Parameter(torch.randn(dim) * 0.02)
 
-        # losses
-
         self.ignore_index = ignore_index
         self.flow_loss_weight = flow_loss_weight
         self.text_loss_weight = text_loss_weight
@@ -175,7 +173,7 @@ class Transfusion(Module):
 
     def create_ema(self, beta: float = 0.99, **ema_kwargs) -> EMA:
         """An `ema_pytorch.EMA` copy whose `sample` / `generate_*` run the EMA weights."""
-        return EMA(self, beta=beta, forward_method_names=("sample", "generate_text_only", "generate_modality_only"), **ema_kwargs)
+        return EMA(self, beta=beta, forward_method_names=("sample", "sample_many", "generate_text_only", "generate_modality_only"), **ema_kwargs)
 
     # ------------------------------------------------------------------ encoders and decoders
 
@@ -438,12 +436,14 @@ class Transfusion(Module):
         return_unprocessed_modalities: bool = False,
         cfg_scale: float = 1.0,
         force_modality_at_start: int | tuple | None = None,
+        compile: bool = False,
     ) -> list:
         """Continue `prompt` (text, a modality, `(type, tensor)` or an interleaved list) into one
         interleaved sample: text tensors and `(modality_type, tensor)` tuples. `force_modality_at_start`
-        (`k` or `(k, shape)`) starts with modality `k` instead of decoding text first."""
-        arguments = {name: value for name, value in locals().items() if name not in ("self", "prompt", "cache_kv", "__class__")}
-        return sampling.sample_interleaved(self, prompt, cache_kv, **arguments)
+        (`k` or `(k, shape)`) starts with modality `k` instead of decoding text first. `compile=True`
+        runs the one-token decode step under `torch.compile` (`decoding.py`)."""
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "prompt", "cache_kv", "compile", "__class__")}
+        return sampling.sample_interleaved(self, prompt, cache_kv, compile, **arguments)
 
     @torch.no_grad()
     @eval_mode
@@ -459,6 +459,7 @@ class Transfusion(Module):
         modality_steps: int = 16,
         return_unprocessed_modalities: bool = False,
         cfg_scale: float = 1.0,
+        compile: bool = False,
     ) -> list[list]:
         """One interleaved sample per prompt (each as `sample` takes it), decoded together: one
         KV-cached forward per text step for every sample writing text, one batched ODE solve for
@@ -468,9 +469,9 @@ class Transfusion(Module):
 
     @torch.no_grad()
     @eval_mode
-    def generate_text_only(self, prompt: Tensor, seq_len: int, temperature: float = 1.5, min_p: float = 0.1) -> Tensor:
-        """Continue a text batch `(b, n)` to `seq_len` tokens with a KV cache; returns the new tokens `(b, seq_len - n)`."""
-        return sampling.generate_text(self, prompt, seq_len, temperature=temperature, min_p=min_p)
+    def generate_text_only(self, prompt: Tensor, seq_len: int, temperature: float = 1.5, min_p: float = 0.1, compile: bool = False) -> Tensor:
+        """Continue a text batch `(b, n)` to `seq_len` tokens with a KV cache (`compile=True`: `decoding.py` compiled); the new tokens `(b, seq_len - n)`."""
+        return sampling.generate_text(self, prompt, seq_len, temperature=temperature, min_p=min_p, compile=compile)
 
     @torch.no_grad()
     @eval_mode
