@@ -15,7 +15,8 @@ Measures whichever `transfusion_pytorch` the running interpreter imports, using 
                  the decode step under torch.compile; the warmup run includes the compile
   modality8_s    median seconds of `generate_modality_only(batch_size=8, modality_steps=16)`
                  (1 warmup, then 3 timed runs)
-  peak_rss_mib   peak resident set size of the process at the end (ru_maxrss)
+  peak_rss_mib   peak resident set size of the process (ru_maxrss) after the calls above,
+                 before the compiled rows (compiling takes memory of its own)
 
 Model: Transfusion(num_text_tokens=256, dim_latent=16, modality_default_shape=(8, 8),
 transformer=dict(dim=256, depth=4, heads=8, dim_head=32)), fp32, fixed seed.
@@ -139,13 +140,13 @@ def main() -> None:
     measure("text128_s", results, lambda: model.generate_text_only(prompt, 16 + 128, temperature=1.0), warmup=1, repeats=args.gen_repeats)
     prompt_b1 = prompt[:1, :1]
     measure("text128_b1_s", results, lambda: model.generate_text_only(prompt_b1, 1 + 128, temperature=1.0), warmup=1, repeats=args.gen_repeats)
-    if "compile" in inspect.signature(model.generate_text_only).parameters:
-        for name, p in (("text128_compiled_s", prompt), ("text128_b1_compiled_s", prompt_b1)):
-            measure(name, results, lambda p=p: model.generate_text_only(p, p.shape[1] + 128, temperature=1.0, compile=True), warmup=1, repeats=args.gen_repeats)
     measure("modality8_s", results, lambda: model.generate_modality_only(batch_size=8, modality_steps=16), warmup=1, repeats=3)
 
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     results["peak_rss_mib"] = maxrss / (1024 * 1024 if platform.system() == "Darwin" else 1024)  # bytes on macOS, KiB on Linux
+    if "compile" in inspect.signature(model.generate_text_only).parameters:
+        for name, p in (("text128_compiled_s", prompt), ("text128_b1_compiled_s", prompt_b1)):
+            measure(name, results, lambda p=p: model.generate_text_only(p, p.shape[1] + 128, temperature=1.0, compile=True), warmup=1, repeats=args.gen_repeats)
     results["package_version"] = package_version()
     results["torch_version"] = torch.__version__
 

@@ -97,7 +97,7 @@ def test_sample_many_drops_finished_rows_from_the_decode_step(monkeypatch):
     too_big = torch.tensor([3, *ids.encode_shape((3, 3)), ids.som[0]])  # 9 tokens > max_length: ends at once
     batches = []
     step = decoding.decode_one_token
-    monkeypatch.setattr(decoding, "decode_one_token", lambda model, keys, *args: batches.append(keys.shape[1]) or step(model, keys, *args))
+    monkeypatch.setattr(decoding, "decode_one_token", lambda model, keys, *args: batches.append(keys[0].shape[0]) or step(model, keys, *args))
     model.sample_many([fits, too_big, too_big, too_big], max_length=8, text_temperature=0.0, modality_steps=2)
     assert batches and max(batches) == 1  # the three finished rows left the cache before the first decode step
 

@@ -154,15 +154,16 @@ class SlotCache:
     the caller's mask (`(b, 1, 1, capacity)`) hides the empty slots and the slots a row does not hold.
     """
 
-    def __init__(self, keys: Tensor, values: Tensor, slot: Tensor):
-        self.keys = keys  # (layers, b, h, capacity, dh), a view of the cache's storage
+    def __init__(self, keys: list[Tensor], values: list[Tensor], slot: Tensor):
+        self.keys = keys  # per layer (b, h, capacity, dh), views of the cache's storage
         self.values = values
         self.slot = slot
 
     def update(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        self.keys[layer].index_copy_(-2, self.slot, keys.to(self.keys.dtype))
-        self.values[layer].index_copy_(-2, self.slot, values.to(self.values.dtype))
-        return self.keys[layer], self.values[layer]
+        cached_keys, cached_values = self.keys[layer], self.values[layer]
+        cached_keys.index_copy_(-2, self.slot, keys.to(cached_keys.dtype))
+        cached_values.index_copy_(-2, self.slot, values.to(cached_values.dtype))
+        return cached_keys, cached_values
 
 
 # flex attention, compiled once per process on first use on CUDA

@@ -167,9 +167,12 @@ class Block(Module):
     def forward(self, x, instance_cond, modulation: Modulation, rotary, mask: AttentionMask, cache: KVCache | KVCacheRows | SlotCache | None, layer_index: int):
         """x: `(b, n, d)`, or `(b s, n, d)` with `s` hyper-connection copies of the residual."""
         for sub, (norm, fn) in enumerate(((self.attn_norm, "attn"), (self.ff_norm, "ff"))):
-            scale, shift, gate = (modulation.gather(table) for table in norm.tables(instance_cond))
             h, write = hyper_connection(self.hyper[sub], x) if exists(self.hyper) else (x, None)
-            h = norm.norm(h) * scale + shift
+            if modulation.index is None:  # text only (text decoding): the table's text row, without building the tables
+                h, gate = norm.norm(h) * (1.0 + norm.text_gain), 1.0 + norm.text_layerscale
+            else:
+                scale, shift, gate = (modulation.gather(table) for table in norm.tables(instance_cond))
+                h = norm.norm(h) * scale + shift
             h = self.attn(h, rotary, mask, cache, layer_index) if fn == "attn" else self.ff(h)
             x = write(h * gate) if exists(write) else x + h * gate
         return x
