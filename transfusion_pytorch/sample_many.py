@@ -156,7 +156,8 @@ class Rows:
         device = model.device
         self.guided = guided
         self.live = list(range(count))
-        self.cache = model.transformer.new_cache(count * (2 if guided else 1), capacity=256, device=device, dtype=model.dtype)
+        # small to start: a decode step attends over the whole capacity; the cache doubles when full
+        self.cache = model.transformer.new_cache(count * (2 if guided else 1), capacity=64, device=device, dtype=model.dtype)
         self.holds = torch.zeros(count, 0, dtype=torch.bool, device=device)
         self.positions = torch.zeros(count, dtype=torch.long, device=device)
 
