@@ -7,7 +7,7 @@ import torch
 from rotary_embedding_torch import apply_rotary_emb
 
 from conftest import gpu_available, make_model, tiny_transformer
-from transfusion_pytorch.attention import Attention, AttentionMask, KVCache, RotaryEmbedding, compiled_flex_attention
+from transfusion_pytorch.attention import Attention, AttentionMask, KVCache, RotaryEmbedding, Rotation, compiled_flex_attention, rotate
 from transfusion_pytorch.masks import block_mask, causal, dense_mask, transfusion_mask
 
 
@@ -34,12 +34,14 @@ def test_rotary_matches_the_reference_rotation_at_explicit_positions():
     positions = torch.tensor([[0, 1, 2, 2, 2, 3], [0, 5, 5, 5, 0, 1]])
     x = torch.randn(2, 3, 6, 8)
     x[:, :, 3] = x[:, :, 2]  # the same content at the same position
-    rotated = apply_rotary_emb(rotary(positions), x)
+    rotated = rotate(rotary(positions), x)
     assert torch.allclose(rotated.double(), reference_rotation(x, positions), atol=1e-5)
     assert torch.equal(rotated[:, :, 3], rotated[:, :, 2])
+    angles = rotary.embed(positions)[:, None]  # (b, 1, n, dh): the package's own rotation of the same angles
+    assert torch.allclose(apply_rotary_emb(angles, x), rotated, atol=1e-6)
     # scores depend on relative positions only: shifting a row's positions changes nothing
     q, k = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
-    scores = [apply_rotary_emb(rotary(p), q) @ apply_rotary_emb(rotary(p), k).transpose(-1, -2) for p in (positions, positions + 7)]
+    scores = [rotate(rotary(p), q) @ rotate(rotary(p), k).transpose(-1, -2) for p in (positions, positions + 7)]
     assert torch.allclose(*scores, atol=1e-4)
 
 
@@ -55,12 +57,13 @@ def test_rotary_frequencies_are_frozen_and_stay_fp32_in_a_bf16_model():
     rotary_bf16 = copy.deepcopy(rotary).to(torch.bfloat16)
     positions = torch.arange(1990, 2010)[None]
     x = torch.randn(1, 2, 20, 64).bfloat16()
-    rotated = apply_rotary_emb(rotary_bf16(positions), x)
+    rotated = rotate(rotary_bf16(positions), x)
     assert rotated.dtype == torch.bfloat16
     # only the output's bf16 rounding: |x| < 5 rounds by at most 2^-6
     assert torch.allclose(rotated.double(), reference_rotation(x, positions), atol=2e-2, rtol=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(rotary(positions), rotary_bf16(positions))
+        a, b = rotary(positions), rotary_bf16(positions)
+        assert torch.equal(a.cos, b.cos) and torch.equal(a.sin, b.sin)
 
 
 @pytest.mark.parametrize("attn_kwargs", [{}, dict(softcap_value=5.0)], ids=["plain", "softcap"])
@@ -87,7 +90,7 @@ def test_flex_forward_matches_sdpa_on_cpu(attn_kwargs):
 def test_softcap_reference_path_runs_and_masks():
     attn = Attention(dim=16, dim_head=8, heads=2, softcap_value=50.0).eval()
     x = torch.randn(1, 6, 16)
-    rotary = torch.zeros(1, 1, 6, 8)  # angle 0: no rotation
+    rotary = Rotation(torch.ones(1, 1, 6, 8), torch.zeros(1, 1, 6, 8))  # angle 0: no rotation
     instance_ids = torch.tensor([[-1, 0, 0, 0, -1, -1]])
     mask = AttentionMask(dense=dense_mask(transfusion_mask(instance_ids), 1, 6, 6))
     out = attn(x, rotary, mask)
@@ -104,7 +107,7 @@ def test_softcap_reference_path_runs_and_masks():
 
 def test_softcap_with_large_cap_matches_sdpa():
     x = torch.randn(2, 5, 16)
-    rotary = torch.zeros(2, 1, 5, 8)
+    rotary = Rotation(torch.ones(2, 1, 5, 8), torch.zeros(2, 1, 5, 8))  # angle 0: no rotation
     plain = Attention(dim=16, dim_head=8, heads=2).eval()
     capped = Attention(dim=16, dim_head=8, heads=2, softcap_value=1e6).eval()
     capped.load_state_dict(plain.state_dict())
@@ -143,7 +146,7 @@ def test_kv_cache_uncommitted_writes_are_overwritten():
 
 def test_flex_attention_refuses_to_train_without_its_dropout():
     attn = Attention(dim=16, dim_head=8, heads=2, dropout=0.1)
-    x, rotary = torch.randn(1, 6, 16), torch.zeros(1, 1, 6, 8)
+    x, rotary = torch.randn(1, 6, 16), Rotation(torch.ones(1, 1, 6, 8), torch.zeros(1, 1, 6, 8))
     mask = AttentionMask(block=block_mask(causal, 1, 6, 6, "cpu"))
     with pytest.raises(ValueError, match="flex attention has no dropout"):
         attn(x, rotary, mask)

@@ -19,7 +19,7 @@ import rotary_embedding_torch
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from rotary_embedding_torch import apply_rotary_emb
+from rotary_embedding_torch.rotary_embedding_torch import rotate_half
 from torch import Tensor, nn
 from torch.nn import Module
 
@@ -34,8 +34,9 @@ class RotaryEmbedding(Module):
 
     Positions are not `arange(n)`: every token of a modality instance shares one position,
     packed rows restart at 0, and tokens decoded against a KV cache continue after it. So
-    the package's `RotaryEmbedding` is called on the positions themselves, and its angles
-    go to `apply_rotary_emb` with a head axis of 1.
+    the package's `RotaryEmbedding` is called on the positions themselves. Their cosines and
+    sines are taken once per forward (`Rotation`) and shared by every layer's queries and
+    keys (`rotate`); the package's `apply_rotary_emb` would take them again for each.
 
     The package keeps its frequencies as a frozen parameter (`requires_grad=False`). They
     stay fp32 when the model is cast to bf16 / fp16 (`_apply`): the package casts positions
@@ -48,10 +49,11 @@ class RotaryEmbedding(Module):
         self.embed = rotary_embedding_torch.RotaryEmbedding(dim_head, theta=theta, cache_if_possible=False)
 
     @typecheck
-    def forward(self, positions: Int["b n"]) -> Float["b 1 n dh"]:
+    def forward(self, positions: Int["b n"]) -> Rotation:
         with torch.autocast(positions.device.type, enabled=False):
             angles = self.embed(positions)  # (b, n, dh): position × frequency, each frequency for one pair of features
-        return rearrange(angles, "b n dh -> b 1 n dh")
+        angles = rearrange(angles, "b n dh -> b 1 n dh")
+        return Rotation(angles.cos(), angles.sin())
 
     def _apply(self, fn, recurse=True):
         freqs = self.embed.freqs
@@ -63,6 +65,20 @@ class RotaryEmbedding(Module):
             return applied
 
         return super()._apply(keep_fp32_freqs, recurse)
+
+
+@dataclass
+class Rotation:
+    """cos and sin of the rotary angles, `(b, 1, n, dh)` each, fp32."""
+
+    cos: Tensor
+    sin: Tensor
+
+
+def rotate(rotation: Rotation, t: Tensor) -> Tensor:
+    """`(b, h, n, dh)` queries or keys rotated by their positions' angles, computed at >= fp32 and
+    cast back (`apply_rotary_emb`'s rotation, with the cosines and sines taken once per forward)."""
+    return (t * rotation.cos + rotate_half(t) * rotation.sin).type(t.dtype)
 
 
 # the mask handed down to every layer, built once per forward
@@ -232,13 +248,13 @@ class Attention(Module):
     def forward(
         self,
         x: Float["b n d"],
-        rotary: Float["b 1 n dh"],
+        rotary: Rotation,
         mask: AttentionMask,
         cache: KVCache | KVCacheRows | SlotCache | None = None,
         layer_index: int = 0,
     ) -> Float["b n d"]:
         q, k, v = rearrange(self.to_qkv(x), "b n (qkv h dh) -> qkv b h n dh", qkv=3, h=self.heads)
-        q, k = apply_rotary_emb(rotary, q), apply_rotary_emb(rotary, k)  # (b, h, n, dh), rotated at >= fp32, cast back
+        q, k = rotate(rotary, q), rotate(rotary, k)  # (b, h, n, dh)
 
         if exists(cache):
             k, v = cache.update(layer_index, k, v)
