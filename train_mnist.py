@@ -37,13 +37,13 @@ The grid of generated digits (rows 0-9) is `<out>/samples.png`.
     python train_mnist.py --device cuda     # on a GPU (--device auto, the default, takes it when there is one)
     python train_mnist.py --resume latest   # continue <out>/checkpoints/latest.pt
     python train_mnist.py --eval-only runs/mnist/checkpoints/latest.pt
+    torchrun --standalone --nproc_per_node=2 train_mnist.py --ddp   # 2 processes; --batch-size is the global batch
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.codecs import Patchify, Unpatchify
+from transfusion_pytorch.distributed import setup_distributed
 from transfusion_pytorch.examples.judges import classify, train_classifier
 from transfusion_pytorch.examples.mnist import (
     DIGIT_WORDS,
@@ -63,6 +64,7 @@ from transfusion_pytorch.examples.mnist import (
     load_digits,
     to_unit_pixels,
 )
+from transfusion_pytorch.examples.recipes import flow_times, warmup_cosine  # noqa: F401  (train_ddp.py, benchmarks import them from here)
 from transfusion_pytorch.training import (
     RunLogger,
     breakdown_metrics,
@@ -71,7 +73,6 @@ from transfusion_pytorch.training import (
     make_optimizer,
     make_precision,
     resolve_device,
-    save_checkpoint,
 )
 
 IMAGE_SHAPE = (7, 7)  # latent tokens per image side: 28 / patch size 4
@@ -89,33 +90,6 @@ def build_model(args) -> Transfusion:
         unconditional_prob=args.unconditional_prob,
         transformer=dict(dim=args.dim, depth=args.depth, dim_head=args.dim // args.heads, heads=args.heads),
     )
-
-
-def flow_times(image_first: torch.Tensor, caption_min_time: float) -> torch.Tensor:
-    """Flow time of each sample's image, `(b, 1)`; 0 is noise, 1 is clean.
-
-    Generation samples ([caption, image]) draw t from a logit-normal, which puts more
-    training on the middle of the path (Esser et al. 2024, arXiv 2403.03206, found it the
-    best schedule for rectified flow). Captioning samples ([image, caption]) draw t from
-    U(caption_min_time, 1): the image before a caption is never noised beyond that, as the
-    Transfusion paper does for image captioning (it caps the noise at half) — the caption
-    is learnt from a recognisable image, and sampling captions clean images (t = 1).
-    """
-    generation = torch.sigmoid(torch.randn(image_first.shape))
-    captioning = caption_min_time + (1.0 - caption_min_time) * torch.rand(image_first.shape)
-    return torch.where(image_first, captioning, generation)[:, None]
-
-
-def warmup_cosine(warmup: int, total: int, final_fraction: float = 0.1):
-    """Linear warmup to the peak lr, then a cosine down to `final_fraction` of it at `total`."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 # ------------------------------------------------------------------ sampling and evaluation
@@ -243,8 +217,19 @@ def run_evaluation(model: Transfusion, ema, split, args, out: Path, step: int, p
 
 
 def main(args):
-    device = resolve_device(args.device)  # first: a bad --device fails before anything runs
-    torch.manual_seed(args.seed)
+    resolve_device(args.device)  # first: a bad --device fails before anything runs
+    # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in.
+    # It seeds every rank alike, so every rank builds the same initial weights.
+    ctx = setup_distributed(enabled=args.ddp, device=args.device, seed=args.seed)
+    try:
+        return train(args, ctx)
+    finally:
+        ctx.teardown()
+
+
+def train(args, ctx):
+    device = ctx.device
+    batch_size = ctx.local_batch_size(args.batch_size)  # --batch-size is the global batch; this rank's share
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,6 +238,8 @@ def main(args):
     split = load_digits(args.data_dir, num_eval=args.num_eval, seed=args.seed).to(device)
 
     if args.eval_only:
+        if not ctx.is_main:
+            return None
         model = Transfusion.from_checkpoint(args.eval_only).to(device)
         ema = model.create_ema(beta=args.ema_beta)
         state = load_checkpoint(args.eval_only, model, ema=ema, restore_rng=False)
@@ -267,29 +254,33 @@ def main(args):
     if args.resume:
         path = latest if args.resume == "latest" else Path(args.resume)
         start_step = load_checkpoint(path, model, optimizer, scheduler, ema)["step"]
-        print(f"resumed from {path} at step {start_step}")
+        ctx.print(f"resumed from {path} at step {start_step}")
+    ctx.seed_per_rank(args.seed + start_step)  # each rank its own digits and noise (rank 0 keeps the 1-process stream)
+    ddp_model = ctx.wrap(model)  # DistributedDataParallel under --ddp (the loss goes through it), else the model itself
 
     num_params = sum(p.numel() for p in model.parameters())
-    print(f"{num_params / 1e6:.2f}M parameters on {device}, {len(split.train_labels)} training digits, {len(split.eval_labels)} held out")
-    logger = RunLogger(out, use_wandb=args.wandb, project="transfusion-mnist", config=vars(args))
+    ctx.print(f"{num_params / 1e6:.2f}M parameters on {device}, {len(split.train_labels)} training digits, {len(split.eval_labels)} held out")
+    if ctx.enabled:
+        ctx.print(f"{ctx.world_size} processes × {batch_size} samples = global batch {args.batch_size}")
+    logger = RunLogger(out if ctx.is_main else None, use_wandb=args.wandb and ctx.is_main, project="transfusion-mnist", config=vars(args))
 
-    def checkpoint(step):
-        save_checkpoint(latest, model, optimizer, scheduler, ema, step=step, extra={"args": json.dumps(vars(args))})
+    def checkpoint(step):  # rank 0 writes (atomically), the others wait for it
+        ctx.save_checkpoint(latest, model, optimizer, scheduler, ema, step=step, extra={"args": json.dumps(vars(args))})
 
     model.train()
     train_start = time.time()
-    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="train", dynamic_ncols=True)
+    progress = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, desc="train", dynamic_ncols=True, disable=not ctx.is_main)
     last_log, steps_since_log = time.time(), 0
     breakdown = None
     for step in progress:
         # drawn on the CPU (the same batches on every device), then moved to the model's device
-        index = torch.randint(0, len(split.train_labels), (args.batch_size,)).to(device)
-        image_first = torch.rand(args.batch_size) < args.caption_fraction
+        index = torch.randint(0, len(split.train_labels), (batch_size,)).to(device)
+        image_first = torch.rand(batch_size) < args.caption_fraction
         batch = caption_image_pairs(split.train_images[index], split.train_labels[index], image_first)
         times = flow_times(image_first, args.caption_min_time).to(device)
 
         with precision.autocast():
-            loss, breakdown = model(batch, times=times, return_breakdown=True)
+            loss, breakdown = ddp_model(batch, times=times, return_breakdown=True)
         # a non-finite loss or gradient stops the run naming the term and step (training.NonFiniteError); the last checkpoint stays good
         grad_norm = precision.step(loss, optimizer, model.named_parameters(), max_grad_norm=args.max_grad_norm, breakdown=breakdown, step=step)
         scheduler.step()
@@ -308,7 +299,7 @@ def main(args):
             logger.log(metrics, step=done)
             last_log, steps_since_log = now, 0
 
-        if args.wandb and args.sample_every and done % args.sample_every == 0:
+        if args.wandb and ctx.is_main and args.sample_every and done % args.sample_every == 0:
             with precision.autocast():
                 images = generate_digits(ema, model, list(range(10)), args.modality_steps, args.cfg_scale)
             logger.log_images("samples", list(to_unit_pixels(images[:, 0])), step=done, captions=list(DIGIT_WORDS))
@@ -319,6 +310,8 @@ def main(args):
     progress.close()
     train_seconds = time.time() - train_start
     checkpoint(args.steps)
+    if not ctx.is_main:  # done: main() leaves the process group while rank 0 evaluates (no collectives there)
+        return None
     if breakdown is not None:
         print(
             f"trained to step {args.steps} in {train_seconds:.0f}s; last batch: " + ", ".join(f"{k} {v:.4f}" for k, v in breakdown_metrics(breakdown).items())
@@ -370,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classifier-epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ddp", action="store_true", help="one process of a torchrun run (DistributedDataParallel; --batch-size is the global batch)")
     return parser
 
 

