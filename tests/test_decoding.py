@@ -121,3 +121,14 @@ def test_samplers_run_under_bf16_autocast():
         text = model.generate_text_only(torch.tensor([[1, 2]]), 6)
     assert len(many) == 2 and all(torch.is_tensor(sample[0]) for sample in many)
     assert torch.is_tensor(one[0]) and text.shape == (1, 4)
+
+
+def test_compile_must_be_a_bool():
+    model = text_model()
+    for call in (
+        lambda: model.generate_text_only(randint(0, 16, (1, 2)), 4, compile="yes"),
+        lambda: model.sample(randint(0, 16, (2,)), max_length=2, compile=1),
+        lambda: model.sample_many([None], max_length=2, compile=None),
+    ):
+        with pytest.raises(TypeError, match="compile"):
+            call()

@@ -122,7 +122,8 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys.shape[-2]
 
-    def _grow(self, needed: int):
+    def grow(self, needed: int):
+        """Room for at least `needed` slots: the capacity doubles (or jumps to `needed`), the filled part is kept."""
         new_capacity = max(needed, 2 * self.capacity)
         pad = new_capacity - self.capacity
         self.keys = F.pad(self.keys, (0, 0, 0, pad))
@@ -132,7 +133,7 @@ class KVCache:
         start = self.length
         end = start + keys.shape[-2]
         if end > self.capacity:
-            self._grow(end)
+            self.grow(end)
         self.keys[layer, rows, :, start:end] = keys.to(self.keys.dtype)  # under autocast the new keys may be bf16
         self.values[layer, rows, :, start:end] = values.to(self.values.dtype)
         return self.keys[layer, rows, :, :end], self.values[layer, rows, :, :end]

@@ -64,7 +64,7 @@ class TokenDecoder:
         to (None: all of them); each token also sees itself."""
         length, batch = cache.length, tokens.shape[0]
         if length >= cache.capacity:
-            cache._grow(length + 1)
+            cache.grow(length + 1)
         visible = torch.zeros(batch, cache.capacity, dtype=torch.bool, device=tokens.device)
         visible[:, :length] = True if holds is None else holds
         visible[:, length] = True

@@ -5,16 +5,18 @@ bookkeeping) and its own token budget; the samples share one KV cache, one row e
 second, unconditional row each with guidance). The cache advances by the same number of
 slots for every row, so a row that was not part of a step, or wrote fewer tokens than the
 longest, leaves slots it does not hold; `holds (b, slots)` records which slots are real, and
-every forward hides the others (`Transfusion.predict(prefix_valid=...)`). Each round:
+every step hides the others (`Transfusion.predict(prefix_valid=...)` in the ODE, the decode
+step's `holds` for text). Each round:
 
   1. every sample that has just opened a modality (its `[som]` is in the cache) takes part in
      one batched ODE solve, each with its own modality type and shape (the packed state of
      `generate_modality_only`), then one pass at t = 1 commits the clean modalities;
   2. every sample writing text draws its next token from its logits (one batched draw);
-  3. one forward feeds every sample's one new token (a drawn token, or the `[eom]` after a
-     modality) and gives its next logits.
+  3. one decode step (`decoding.TokenDecoder`) feeds every sample's one new token (a drawn
+     token, or the `[eom]` after a modality) and gives its next logits.
 
-A finished sample (`[eos]` or its budget spent) takes part in nothing more. With greedy
+A finished sample (`[eos]` or its budget spent) takes part in nothing more: once half the
+cache's rows are finished ones, they are dropped (`Rows.drop_finished`). With greedy
 decoding and the same `init_modality_noise`, `sample_many([p])` gives what `sample(p)` gives.
 """
 

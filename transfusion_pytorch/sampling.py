@@ -1,9 +1,10 @@
 """Sampling: text decoding, the text ↔ modality state machine, and modality-only generation.
 
-Kept outside the model as small functions (after gpt-fast's `prefill` / `decode_one_token`);
-every forward goes through `Transfusion.predict`, which builds the tokens, the layout and the
-mask, so a sampler never rebuilds them. With a KV cache (`cache_kv=True`) the prompt is
-computed once; each text token costs one token's forward; each ODE step of a modality
+Kept outside the model as small functions (after gpt-fast's `prefill` / `decode_one_token`).
+The prompt and every modality pass go through `Transfusion.predict`, which builds the tokens,
+the layout and the mask, so a sampler never rebuilds them; a single text token goes through
+`decoding.decode_one_token`, which needs none of that. With a KV cache (`cache_kv=True`) the
+prompt is computed once; each text token costs one token's forward; each ODE step of a modality
 recomputes only that modality's own tokens against the cached prefix (they are written into
 the cache slots after the prefix but not committed), and one last pass at t = 1 commits the
 clean modality. Without the cache every step re-runs the whole sequence; both give the same
