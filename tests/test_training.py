@@ -335,3 +335,18 @@ save_checkpoint(path, model, optimizer, step=start + steps)
     model = build()
     names = {id(p): n for n, p in model.named_parameters()}
     assert [names[id(p)] for p in model.parameters_without_encoder_decoder()] == [n for n, _ in model.named_parameters()]
+
+
+def test_checkpoint_written_before_a_constructor_argument_existed(tmp_path):
+    """A checkpoint from before an argument was added (its config lacks the key) loads into a
+    model that leaves the argument at its default, and not into one that changes it."""
+    old = build(depth=2)
+    del old.config["flow_prediction"]  # as written before `flow_prediction` existed
+    save_checkpoint(tmp_path / "old.pt", old, step=3)
+    assert load_checkpoint(tmp_path / "old.pt", build(depth=2))["step"] == 3
+    rebuilt = Transfusion.from_checkpoint(tmp_path / "old.pt")
+    assert rebuilt.flow_prediction == "velocity"
+    changed = build(depth=2)
+    changed.flow_prediction = changed.config["flow_prediction"] = "data"
+    with pytest.raises(ValueError, match=r"another configuration.*flow_prediction"):
+        load_checkpoint(tmp_path / "old.pt", changed)

@@ -333,6 +333,15 @@ def _verified_payload(path: Path) -> bytes | None:
     return payload
 
 
+def _with_later_defaults(saved: dict, model: nn.Module) -> dict:
+    """A checkpoint's config, with every constructor argument added since it was written set to
+    that argument's default: the behaviour the checkpoint was trained with (`from_checkpoint`
+    rebuilds it the same way, leaving the argument out)."""
+    parameters = inspect.signature(type(model).__init__).parameters
+    later = {name: p.default for name, p in parameters.items() if name not in saved and name in model.config and p.default is not inspect.Parameter.empty}
+    return saved | config_to_json(later) if later else saved
+
+
 def _config_differences(saved, current, prefix="") -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         if "__module__" in saved and "__module__" in current:  # modules: compare the class only
@@ -358,7 +367,7 @@ def load_checkpoint(
     model = _unwrap(model)
     payload = read_checkpoint(path)
     if payload["config"] is not None and hasattr(model, "config"):
-        differences = _config_differences(json.loads(payload["config"]), config_to_json(model.config))
+        differences = _config_differences(_with_later_defaults(json.loads(payload["config"]), model), config_to_json(model.config))
         if differences:
             raise ValueError(f"checkpoint `path` {str(path)!r} was written for another configuration: " + "; ".join(differences))
     try:

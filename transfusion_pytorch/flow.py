@@ -56,6 +56,20 @@ def velocity_target(x1: Float["..."], x0: Float["..."]) -> Float["..."]:
     return x1 - x0
 
 
+# with `flow_prediction="data"`, the gap 1 - t below which a predicted datum is not divided
+# further (JiT, arXiv 2511.13720, clips it the same way): near t = 1 the velocity
+# (x̂ - x_t) / (1 - t) would blow a small error of x̂ up without bound
+DATA_PREDICTION_MIN_GAP = 0.05
+
+
+@typecheck
+def data_to_velocity(x_hat: Float["..."], x_t: Float["..."], t: Tensor | float) -> Float["..."]:
+    """The velocity that points from `x_t` at time `t` to the predicted data `x_hat` at t = 1
+    (the inverse of `predicted_data`), computed in fp32 and returned in `x_hat`'s dtype."""
+    gap = (1.0 - torch.as_tensor(t, dtype=torch.float32, device=x_hat.device)).clamp(min=DATA_PREDICTION_MIN_GAP)
+    return ((x_hat.float() - x_t.float()) / gap).to(x_hat.dtype)
+
+
 @typecheck
 def predicted_data(x_t: Float["..."], velocity: Float["..."], t: Tensor | float) -> Float["..."]:
     """One Euler step to t = 1: the data the predicted velocity points at."""

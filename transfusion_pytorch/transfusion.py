@@ -27,7 +27,7 @@ from . import sampling
 from ._typing import Float, typecheck
 from .attention import AttentionMask, KVCache, KVCacheRows
 from .checkpoint import load_model
-from .flow import VELOCITY_CONSISTENCY_DELTA, LossBreakdown, default_times_fn, transfusion_loss
+from .flow import VELOCITY_CONSISTENCY_DELTA, LossBreakdown, data_to_velocity, default_times_fn, transfusion_loss
 from .helpers import default, eval_mode, exists
 from .inputs import batch_kind, check_float, check_modality_type, check_text, instance_times, modality_only_items, modality_settings, prepare
 from .layout import Layout, SpecialIds, build_layout, default_to_modality_shape_fn, pack_rows, row_lengths, text_labels, wrap_rows
@@ -71,6 +71,7 @@ class Transfusion(Module):
         modality_encoder_decoder_requires_batch_dim: bool = True,
         odeint_kwargs: dict | None = None,
         unconditional_prob: float = 0.0,
+        flow_prediction: str = "velocity",
     ):
         # the constructor's arguments, for checkpoints (`checkpoint.py`)
         config = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
@@ -127,6 +128,16 @@ class Transfusion(Module):
         self.text_loss_weight = text_loss_weight
         self.velocity_consistency_loss_weight = velocity_consistency_loss_weight
         self.reconstruction_loss_weight = reconstruction_loss_weight
+
+        # what the modality heads output: the velocity itself (as 0.12), or the clean data,
+        # turned into a velocity by `data_to_velocity` (Li & He 2025, "Back to Basics: Let
+        # Denoising Generative Models Denoise", arXiv 2511.13720: predicting data keeps large
+        # patches — many values per token, few tokens — trainable where predicting the velocity,
+        # mostly noise in high dimensions, fails). The loss and every sampler see velocities
+        # either way, so nothing downstream changes.
+        if flow_prediction not in ("velocity", "data"):
+            raise ValueError(f"`flow_prediction` must be 'velocity' or 'data', got {flow_prediction!r}")
+        self.flow_prediction = flow_prediction
 
         # 'auto': flex attention on CUDA when the transformer has use_flex_attn, SDPA elsewhere;
         # 'flex' forces flex (on CPU: forward only, torch 2.13 has no CPU backward); 'sdpa' forces SDPA
@@ -308,7 +319,7 @@ class Transfusion(Module):
                 indices = [i for i, t in enumerate(types) if t == k]
                 predicted = self.modality_heads[k].to_latents(torch.cat([per_instance[i] for i in indices]), [token_shapes[i] for i in indices])
                 for i, v in zip(indices, predicted):
-                    velocities[i] = v
+                    velocities[i] = data_to_velocity(v, latents[i], times[i]) if self.flow_prediction == "data" else v
 
         return embed, layout, velocities
 
