@@ -1,10 +1,12 @@
-"""The MNIST text ↔ image task of `train_mnist.py` on N processes, with DistributedDataParallel.
+"""The MNIST text ↔ image task of `train_mnist.py` on N processes, with DistributedDataParallel
+or, with `--fsdp`, FSDP2 (weights, gradients, optimizer state and EMA sharded over the processes).
 
     torchrun --standalone --nproc_per_node=2 train_ddp.py                 # one machine, 2 processes
     torchrun --standalone --nproc_per_node=2 train_ddp.py --steps 3 --batch-size 2 --out runs/ddp
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         train_ddp.py --device cuda                                           # on HOST; --node_rank=1 on the other
     python train_ddp.py --micro-batch-size 32                            # the same run on one process
+    torchrun --standalone --nproc_per_node=2 train_ddp.py --fsdp          # sharded; checkpoints/latest.dcp/
 
 The model, data, flags and evaluation are `train_mnist.py`'s. What differs is how a step's batch
 is made, so that the run depends on the global batch and not on how many processes share it:
@@ -21,6 +23,12 @@ So `torchrun --nproc_per_node=2 train_ddp.py --batch-size 64` and `python train_
 all-reduce), and a checkpoint resumes on another number of processes and continues identically
 (keep `--micro-batch-size`). Every process keeps an identical EMA; rank 0 logs, writes the
 (atomic) checkpoints and evaluates. See "Multi-process training" in the README.
+
+With `--fsdp` every process holds 1/N of the weights, Adam moments and EMA (`fsdp.py`) and
+writes its part of the sharded checkpoint `checkpoints/latest.dcp/` (torch.distributed.checkpoint;
+it resumes on any number of processes, with or without --fsdp). When training stops, rank 0
+gathers it into the single file `checkpoints/consolidated.pt` (what `Transfusion.from_checkpoint`
+loads, and what the evaluation samples from).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from transfusion_pytorch import Transfusion
 from transfusion_pytorch.distributed import seed_everything, setup_distributed
 from transfusion_pytorch.examples.mnist import DIGIT_WORDS, load_digits, to_unit_pixels
 from transfusion_pytorch.examples.recipes import flow_times, warmup_cosine
+from transfusion_pytorch.fsdp import consolidate_checkpoint
 from transfusion_pytorch.training import RunLogger, breakdown_metrics, load_checkpoint, make_optimizer, make_precision
 
 
@@ -71,6 +80,23 @@ def shards_per_process(args, world_size: int) -> int:
     return args.batch_size // (micro * world_size)
 
 
+def resume_path(resume: str, latest: Path) -> Path:
+    """`--resume`: a path, or `latest` — this run's kind of checkpoint (`latest.dcp` with --fsdp,
+    `latest.pt` without), or the other kind when only that one is there."""
+    if resume != "latest":
+        return Path(resume)
+    other = latest.with_name("latest.pt" if latest.name == "latest.dcp" else "latest.dcp")
+    return other if not latest.exists() and other.exists() else latest
+
+
+def evaluate_checkpoint(path, split, args, out, precision, device, logger=None):
+    """Rank 0 alone: the model and EMA of a single-file checkpoint, evaluated as train_mnist does."""
+    model = Transfusion.from_checkpoint(path).to(device)
+    ema = model.create_ema(beta=args.ema_beta)
+    state = load_checkpoint(path, model, ema=ema, restore_rng=False)
+    return run_evaluation(model, ema, split, args, out, state["step"], precision, logger)
+
+
 def main(args):
     # without torchrun (plain `python train_ddp.py`) there is nothing to join: one process
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -89,44 +115,50 @@ def train(args, ctx):
     micro_batch = args.batch_size // (ctx.world_size * accumulate)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    latest = out / "checkpoints" / "latest.pt"
+    sharded = args.fsdp and ctx.enabled  # FSDP2 needs the process group; one process runs unsharded
+    latest = out / "checkpoints" / ("latest.dcp" if sharded else "latest.pt")
     precision = make_precision(args.use_amp, args.amp_dtype, device)
     split = load_digits(args.data_dir, num_eval=args.num_eval, seed=args.seed).to(device)
 
     if args.eval_only:  # one process evaluates; the others have nothing to do
         if not ctx.is_main:
             return None
-        model = Transfusion.from_checkpoint(args.eval_only).to(device)
-        ema = model.create_ema(beta=args.ema_beta)
-        state = load_checkpoint(args.eval_only, model, ema=ema, restore_rng=False)
-        return run_evaluation(model, ema, split, args, out, state["step"], precision)
+        path = Path(args.eval_only)
+        if path.is_dir():  # a sharded checkpoint: gather it into one file first
+            path = consolidate_checkpoint(path, out / "checkpoints" / "consolidated.pt")
+        return evaluate_checkpoint(path, split, args, out, precision, device)
 
     seed_everything(args.seed)  # the same initial weights on every rank (and whatever ran before in this process)
-    model = build_model(args).to(device)
+    model = build_model(args)  # with --fsdp in host memory, until `shard` moves each rank's part to the device
+    model = model if sharded else model.to(device)
+    num_params = sum(p.numel() for p in model.parameters())
     # a run-time switch rather than a constructor argument: a checkpoint resumes with or without it
     model.transformer.use_checkpoint = args.activation_checkpointing
-    optimizer = make_optimizer(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, args.steps))
     ema = model.create_ema(beta=args.ema_beta, update_after_step=args.warmup, update_every=1)  # one per rank, kept identical
+    if sharded:  # the EMA is cut like the model: each rank keeps the EMA of its shards
+        model = ctx.shard(model, ema=ema, param_dtype=torch.bfloat16 if args.fsdp_param_dtype == "bf16" else None)
+    optimizer = make_optimizer(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)  # after sharding: the shards
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, args.steps))
+    ctx.skip_unused(model, optimizer)  # FSDP: a parameter no rank used keeps grad=None, as in one process
 
     start_step = 0
-    if args.resume:  # every rank reads the same file; it may have been written by another number of processes
-        path = latest if args.resume == "latest" else Path(args.resume)
-        state = load_checkpoint(path, model, optimizer, scheduler, ema)
+    if args.resume:  # every rank reads the same checkpoint; it may have been written by another number of processes
+        path = resume_path(args.resume, latest)
+        state = ctx.load_checkpoint(path, model, optimizer, scheduler, ema)
         start_step = state["step"]
         ctx.print(f"resumed from {path} at step {start_step} (written by {state['extra'].get('world_size', '?')} processes)")
 
-    ddp_model = ctx.wrap(model, find_unused_parameters=args.find_unused_parameters)
-    num_params = sum(p.numel() for p in model.parameters())
+    ddp_model = model if sharded else ctx.wrap(model, find_unused_parameters=args.find_unused_parameters)
     ctx.print(
-        f"{num_params / 1e6:.2f}M parameters; {ctx.world_size} processes on {device} ({threads} threads each); "
-        f"global batch {args.batch_size} = {ctx.world_size} processes × {accumulate} micro-batches × {micro_batch}"
+        f"{num_params / 1e6:.2f}M parameters; {ctx.world_size} processes on {device} ({threads} threads each)"
+        + (f", FSDP2: each holds 1/{ctx.world_size} of them" if sharded else "")
+        + f"; global batch {args.batch_size} = {ctx.world_size} processes × {accumulate} micro-batches × {micro_batch}"
     )
     logger = RunLogger(out if ctx.is_main else None, use_wandb=args.wandb and ctx.is_main, project="transfusion-mnist-ddp", config=vars(args))
 
     def checkpoint(step):
-        ctx.check_in_sync(model, ema)  # DDP keeps them bitwise equal; a difference is a bug worth stopping for
-        extra = {"args": json.dumps(vars(args)), "world_size": ctx.world_size}
+        ctx.check_in_sync(model, ema)  # DDP keeps them bitwise equal (FSDP: the replicated buffers); a difference is a bug worth stopping for
+        extra = {"args": json.dumps(vars(args)), "world_size": ctx.world_size, "fsdp": sharded}
         ctx.save_checkpoint(latest, model, optimizer, scheduler, ema, step=step, extra=extra)
 
     model.train()
@@ -159,7 +191,7 @@ def train(args, ctx):
             logger.log(metrics, step=done)
             progress.set_postfix(loss=f"{metrics['loss/total']:.3f}")
 
-        if args.wandb and ctx.is_main and args.sample_every and done % args.sample_every == 0:  # the others go on to the next all-reduce
+        if args.wandb and ctx.is_main and not sharded and args.sample_every and done % args.sample_every == 0:  # the others go on to the next all-reduce
             with torch.random.fork_rng(), precision.autocast():
                 images = generate_digits(ema, model, list(range(10)), args.modality_steps, args.cfg_scale)
             logger.log_images("samples", list(to_unit_pixels(images[:, 0])), step=done, captions=list(DIGIT_WORDS))
@@ -175,13 +207,19 @@ def train(args, ctx):
     ctx.print(f"checkpoint: {latest}")
     if not ctx.is_main:  # done: main() leaves the process group while rank 0 evaluates (no collectives there)
         return None
+    if sharded:  # rank 0 gathers the shards into one file (no collective) and evaluates that
+        consolidated = consolidate_checkpoint(latest, out / "checkpoints" / "consolidated.pt")
+        print(f"consolidated: {consolidated}", flush=True)
     if end < args.steps:  # --stop-at: a chunk of a longer run
         logger.finish()
         return {"step": end, "seconds_per_step": float(np.mean(timed)) if timed else None}
     if args.skip_eval:
         logger.finish()
         return {"step": args.steps, "seconds_per_step": float(np.mean(timed)) if timed else None}
-    report = run_evaluation(model, ema, split, args, out, args.steps, precision, logger)
+    if sharded:
+        report = evaluate_checkpoint(consolidated, split, args, out, precision, device, logger)
+    else:
+        report = run_evaluation(model, ema, split, args, out, args.steps, precision, logger)
     logger.finish()
     return report
 
@@ -197,6 +235,10 @@ def build_ddp_parser():
         action=argparse.BooleanOptionalAction,
         default=True,
         help="DDP's search for parameters a step leaves unused (the CFG null token); off only if every step uses every parameter",
+    )
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP: weights, gradients, Adam moments and EMA sharded over the processes")
+    parser.add_argument(
+        "--fsdp-param-dtype", choices=("fp32", "bf16"), default="fp32", help="with --fsdp: gather and compute the blocks in bf16 (half the traffic)"
     )
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward: less memory, more compute")
     parser.add_argument(

@@ -5,11 +5,13 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set — without torchrun's a
 sees each rank's own exit status (the agent would kill the survivors itself). Equivalence
 tolerance: 1e-6 absolute on every weight, EMA weight and optimizer moment (2 ranks add their
 halves of the gradient in the same order as one process accumulating the two shards; the
-runs here agree exactly, 0.0).
+runs here agree exactly, 0.0). The same 1e-6 holds for FSDP2 (`--fsdp`): 0.0 on weights and EMA,
+at most 9e-16 on Adam moments; 1.2e-7 with accumulated micro-batches.
 """
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -27,7 +29,7 @@ import torch
 
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.distributed import DistributedContext, setup_distributed
-from transfusion_pytorch.training import read_checkpoint
+from transfusion_pytorch.training import make_optimizer, make_precision, read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-6
@@ -388,16 +390,19 @@ def test_a_dead_rank_makes_the_other_exit(tmp_path, fault):
 
 
 @pytest.mark.slow
-def test_torchrun_command_as_in_the_readme(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_command_as_in_the_readme(tmp_path, fsdp):
     pytest.importorskip("mlxtend")
     torchrun = Path(sys.executable).parent / "torchrun"
     out = tmp_path / "run"
     command = [str(torchrun), "--standalone", "--nproc_per_node=2", "train_ddp.py", "--steps", "3", "--batch-size", "2", "--out", str(out)]
     command += "--dim 16 --heads 1 --depth 1 --eval-per-digit 1 --eval-captions 2 --modality-steps 2 --classifier-epochs 1 --num-eval 100".split()
+    command += ["--fsdp"] if fsdp else []
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert read_checkpoint(out / "checkpoints/latest.pt")["step"] == 3
-    assert isinstance(Transfusion.from_checkpoint(out / "checkpoints/latest.pt"), Transfusion)
+    single_file = out / "checkpoints" / ("consolidated.pt" if fsdp else "latest.pt")  # --fsdp: gathered from latest.dcp/
+    assert read_checkpoint(single_file)["step"] == 3
+    assert isinstance(Transfusion.from_checkpoint(single_file), Transfusion)
     assert (out / "eval.json").is_file() and (out / "samples.png").is_file()
 
 
@@ -421,3 +426,219 @@ def test_parser_accepts_the_train_mnist_flags():
     script = load_train_ddp()
     args = script.build_ddp_parser().parse_args([])
     assert isinstance(args, argparse.Namespace) and args.out == "runs/ddp" and args.find_unused_parameters
+
+
+# ------------------------------------------------------------------ FSDP2 (--fsdp): 2 processes, sharded checkpoints
+
+FSDP_WORKER = """
+    import shutil, sys
+    from pathlib import Path
+    import train_ddp
+    from test_distributed import text_only_model
+    from transfusion_pytorch.distributed import setup_distributed
+    from transfusion_pytorch.training import make_optimizer
+
+    tiny, here = sys.argv[1:], Path(__file__).parent
+    parse = train_ddp.build_ddp_parser().parse_args
+    ctx = setup_distributed(enabled=True, device="cpu", seed=0, timeout_s=120)
+    try:
+        # sharded from scratch to step 2 (a chunk of a 4-step run), then on to 4 from the sharded checkpoint
+        train_ddp.train(parse([*tiny, "--fsdp", "--out", str(here / "fsdp"), "--stop-at", "2"]), ctx)
+        if ctx.is_main:
+            shutil.copytree(here / "fsdp/checkpoints/latest.dcp", here / "fsdp_step2.dcp")
+            shutil.copy(here / "fsdp/checkpoints/consolidated.pt", here / "fsdp_step2.pt")
+        ctx.barrier()
+        train_ddp.train(parse([*tiny, "--fsdp", "--out", str(here / "fsdp"), "--resume", "latest"]), ctx)
+        # 1 -> 2: the single file one process wrote at step 2, resumed sharded
+        train_ddp.train(parse([*tiny, "--fsdp", "--out", str(here / "fsdp_from_one"), "--resume", str(here / "one_step2.pt")]), ctx)
+        # micro-batches of 1: 2 per process, accumulated without reduce-scatter, with activation checkpointing
+        train_ddp.train(parse([*tiny, "--fsdp", "--out", str(here / "fsdp_accumulated"), "--micro-batch-size", "1", "--activation-checkpointing"]), ctx)
+        # blocks gathered and computed in bf16 (MixedPrecisionPolicy)
+        train_ddp.train(parse([*tiny, "--fsdp", "--out", str(here / "fsdp_bf16"), "--fsdp-param-dtype", "bf16"]), ctx)
+        # a single file whose optimizer has no state for what a text-only step left unused: into shards, and out again
+        model, ema = text_only_model()
+        model = ctx.shard(model, ema=ema)
+        optimizer = make_optimizer(model.parameters(), lr=1e-2)
+        ctx.load_checkpoint(here / "text_only.pt", model, optimizer, ema=ema)
+        ctx.save_checkpoint(here / "text_only.dcp", model, optimizer, ema=ema, step=1)
+    finally:
+        ctx.teardown()
+"""
+
+
+def text_only_model():
+    torch.manual_seed(0)
+    model = Transfusion(num_text_tokens=16, dim_latent=8, modality_default_shape=(2, 2), transformer=dict(dim=16, depth=1, dim_head=8, heads=2))
+    return model, model.create_ema(update_after_step=0, update_every=1)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """The 4-step run of `runs` with --fsdp on 2 processes (global batch 4, micro-batches of 2), cut
+    at step 2 and resumed sharded, resumed from one process's file, and resumed by one process."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    script = load_train_ddp()
+    parse = script.build_ddp_parser().parse_args
+    tiny = [*TINY, "--data-dir", str(write_digits(tmp_path / "digits"))]
+
+    script.main(parse([*tiny, "--out", str(tmp_path / "one"), "--stop-at", "2"]))  # the 1-process reference
+    shutil.copy(tmp_path / "one/checkpoints/latest.pt", tmp_path / "one_step2.pt")
+    script.main(parse([*tiny, "--out", str(tmp_path / "one"), "--resume", "latest"]))
+    script.main(parse([*tiny, "--out", str(tmp_path / "one_micro1"), "--micro-batch-size", "1"]))
+    model, ema = text_only_model()  # one text-only step: no gradient, so no AdamW state, for the modality parts
+    optimizer = make_optimizer(model.parameters(), lr=1e-2)
+    precision = make_precision()
+    precision.step(model(torch.randint(0, 16, (2, 6))), optimizer, model.named_parameters())
+    ema.update()
+    save_checkpoint(tmp_path / "text_only.pt", model, optimizer, ema=ema, step=1)
+
+    codes = wait_all(launch(tmp_path, FSDP_WORKER, args=tiny, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")])), tmp_path)
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+
+    # 2 -> 1: one process, no FSDP, resumes the sharded checkpoint two processes wrote at step 2
+    script.main(parse([*tiny, "--out", str(tmp_path / "from_fsdp"), "--resume", str(tmp_path / "fsdp_step2.dcp")]))
+    return tmp_path, logs
+
+
+def test_fsdp_equals_one_process_with_the_same_global_batch(fsdp_runs):
+    """Weights, EMA, Adam moments and schedule of 2 sharded processes == 1 process (gathered from
+    the shards by `consolidate_checkpoint`), after 2 steps and after a sharded resume to 4."""
+    tmp_path, logs = fsdp_runs
+    assert "FSDP2: each holds 1/2 of them; global batch 4 = 2 processes × 1 micro-batches × 2" in logs[0]
+    assert_same_training_state(tmp_path / "fsdp_step2.pt", tmp_path / "one_step2.pt", step=2)
+    assert_same_training_state(tmp_path / "fsdp/checkpoints/consolidated.pt", tmp_path / "one/checkpoints/latest.pt", step=4)
+    # the CFG null token was left unused by every shard in some step (AdamW skipped it: 0 < its step count < 4),
+    # and used by one rank only in another: FSDP's zero gradient for it was dropped where no rank used it
+    reference = read_checkpoint(tmp_path / "one/checkpoints/latest.pt")
+    names = [name for name, p in Transfusion.from_checkpoint(tmp_path / "one/checkpoints/latest.pt").named_parameters() if p.requires_grad]
+    null_steps = float(reference["optimizer"]["state"][names.index("null_embed")]["step"])
+    assert 0 < null_steps < 4
+
+
+def test_fsdp_accumulation_and_activation_checkpointing_equal_one_process(fsdp_runs):
+    tmp_path, logs = fsdp_runs
+    assert "global batch 4 = 2 processes × 2 micro-batches × 1" in logs[0]
+    assert_same_training_state(tmp_path / "fsdp_accumulated/checkpoints/consolidated.pt", tmp_path / "one_micro1/checkpoints/latest.pt", step=4)
+
+
+def test_fsdp_checkpoints_resume_on_another_number_of_processes(fsdp_runs):
+    tmp_path, _ = fsdp_runs
+    reference = tmp_path / "one/checkpoints/latest.pt"
+    assert_same_training_state(tmp_path / "from_fsdp/checkpoints/latest.pt", reference, step=4)  # 2 sharded -> 1
+    assert_same_training_state(tmp_path / "fsdp_from_one/checkpoints/consolidated.pt", reference, step=4)  # 1 -> 2 sharded
+    sharded = tmp_path / "fsdp/checkpoints/latest.dcp"
+    assert sorted(p.name for p in sharded.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # a part per rank
+    assert not any(p.name.startswith(".latest.dcp") for p in sharded.parent.iterdir())  # no temporary left
+
+
+def test_fsdp_keeps_the_optimizer_state_a_single_file_had(fsdp_runs, tmp_path):
+    """1 -> 2 -> 1 file: a single file whose AdamW has no state for the parameters a text-only step
+    left unused, loaded into 2 processes' shards, saved sharded and gathered: the same state."""
+    from transfusion_pytorch.fsdp import consolidate_checkpoint
+
+    runs_path, _ = fsdp_runs
+    written = read_checkpoint(runs_path / "text_only.pt")
+    assert 0 < len(written["optimizer"]["state"]) < len(written["optimizer"]["param_groups"][0]["params"])
+    assert_same_training_state(consolidate_checkpoint(runs_path / "text_only.dcp", tmp_path / "back.pt"), runs_path / "text_only.pt", step=1)
+
+
+def test_fsdp_checkpoint_converts_to_one_file(fsdp_runs, tmp_path):
+    from transfusion_pytorch.fsdp import consolidate_checkpoint, read_meta
+
+    runs_path, _ = fsdp_runs
+    sharded = runs_path / "fsdp/checkpoints/latest.dcp"
+    assert read_meta(sharded)["step"] == 4 and read_meta(sharded)["world_size"] == 2
+    converted = consolidate_checkpoint(sharded, tmp_path / "model.pt")
+    model = Transfusion.from_checkpoint(converted)
+    reference = read_checkpoint(runs_path / "one/checkpoints/latest.pt")["model"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+    # bf16 gathering (MixedPrecisionPolicy) trains too: finite weights, a first loss within bf16 rounding of fp32's
+    losses = [[json.loads(line)["loss/total"] for line in (runs_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("fsdp_bf16", "one")]
+    assert len(losses[0]) == 4 and all(np.isfinite(losses[0]))
+    assert abs(losses[0][0] - losses[1][0]) < 0.02 * abs(losses[1][0])
+    assert isinstance(Transfusion.from_checkpoint(runs_path / "fsdp_bf16/checkpoints/consolidated.pt"), Transfusion)
+
+
+def test_sharded_checkpoint_is_replaced_atomically(tmp_path):
+    """One process, no process group: the same writer and reader. A crash between the two renames
+    leaves only `.NAME.old`, which a load falls back to; a crashed write's `.NAME.tmp` is ignored."""
+    from transfusion_pytorch.fsdp import load_sharded_checkpoint, read_meta, save_sharded_checkpoint
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = Transfusion(num_text_tokens=16, dim_latent=8, modality_default_shape=(2, 2), transformer=dict(dim=16, depth=1, dim_head=8, heads=2))
+        return model, model.create_ema(), torch.optim.AdamW(model.parameters())
+
+    path = tmp_path / "latest.dcp"
+    first, ema, optimizer = make(0)
+    save_sharded_checkpoint(path, first, optimizer, ema=ema, step=1)
+    second, ema, optimizer = make(1)
+    save_sharded_checkpoint(path, second, optimizer, ema=ema, step=2)
+    (tmp_path / ".latest.dcp.tmp").mkdir()  # what a write killed before the rename leaves
+    path.rename(tmp_path / ".latest.dcp.old")  # a crash after moving the old one aside
+    restored, ema, optimizer = make(2)
+    assert load_sharded_checkpoint(path, restored, optimizer, ema=ema)["step"] == 2
+    for name, tensor in restored.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name
+    save_sharded_checkpoint(path, first, step=3)  # the next save cleans both up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.dcp"]
+    with pytest.raises(ValueError, match="no optimizer state"):
+        load_sharded_checkpoint(path, restored, optimizer)
+    with pytest.raises(ValueError, match="not a sharded checkpoint"):
+        load_sharded_checkpoint(tmp_path, restored)
+    with pytest.raises(ValueError, match="is a file"):
+        save_sharded_checkpoint(path / "meta.pt", first)
+    with pytest.raises(ValueError, match="not a sharded checkpoint; refusing"):  # never deletes a folder of other things
+        save_sharded_checkpoint(tmp_path, first)
+    with torch.no_grad():
+        first.null_embed.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite.*null_embed"):
+        save_sharded_checkpoint(path, first, step=4)
+    assert read_meta(path)["step"] == 3  # the previous checkpoint is kept
+
+
+def test_fsdp_bad_input():
+    from transfusion_pytorch.fsdp import shard_model
+
+    ctx = setup_distributed(enabled=False, device="cpu")
+    model = torch.nn.Linear(2, 2)
+    assert ctx.shard(model) is model  # one process: nothing to shard over
+    assert ctx.skip_unused(model, torch.optim.AdamW(model.parameters())) is None
+    with pytest.raises(TypeError, match="model"):
+        ctx.shard("model")
+    with pytest.raises(TypeError, match="optimizer"):
+        ctx.skip_unused(model, "optimizer")
+    with pytest.raises(ValueError, match="process group"):
+        shard_model(model)
+    script = load_train_ddp()
+    args = script.build_ddp_parser().parse_args(["--fsdp", "--fsdp-param-dtype", "bf16"])
+    assert args.fsdp and args.fsdp_param_dtype == "bf16"
+
+
+def test_sharded_checkpoint_restores_the_optimizer_as_written(tmp_path):
+    """A text-only step leaves the time conditioning and modality heads without a gradient, so AdamW
+    has no state for them; a sharded checkpoint restores exactly that (no state created for them)."""
+    from transfusion_pytorch.fsdp import load_sharded_checkpoint, save_sharded_checkpoint
+
+    def make():
+        torch.manual_seed(0)
+        model = Transfusion(num_text_tokens=16, dim_latent=8, modality_default_shape=(2, 2), transformer=dict(dim=16, depth=1, dim_head=8, heads=2))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+
+    model, optimizer, scheduler = make()
+    model(torch.randint(0, 16, (2, 6))).backward()
+    optimizer.step()
+    scheduler.step()
+    stepped = len(optimizer.state)
+    assert 0 < stepped < len(list(model.parameters()))
+    save_sharded_checkpoint(tmp_path / "latest.dcp", model, optimizer, scheduler, step=1)
+
+    restored, restored_optimizer, restored_scheduler = make()
+    assert load_sharded_checkpoint(tmp_path / "latest.dcp", restored, restored_optimizer, restored_scheduler)["step"] == 1
+    assert len(restored_optimizer.state) == stepped
+    assert max_difference(restored_optimizer.state_dict(), optimizer.state_dict()) == 0.0
+    assert restored_scheduler.state_dict() == scheduler.state_dict()
+    assert max_difference(restored.state_dict(), model.state_dict()) == 0.0

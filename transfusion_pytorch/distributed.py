@@ -1,5 +1,6 @@
 """Multi-process training on `torch.distributed`: set-up from torchrun's environment, DDP over
-the model, rank-0 checkpoints, and the checks that keep ranks in step.
+the model (or FSDP2, `ctx.shard`: see `fsdp.py`), rank-0 checkpoints (sharded ones under FSDP),
+and the checks that keep ranks in step.
 
     ctx = setup_distributed(enabled=args.ddp, device=args.device, seed=args.seed)
     try:
@@ -52,11 +53,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from .fsdp import UnusedParameters, is_sharded, load_full_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint, shard_model
 from .helpers import exists
 from .inputs import check_bool, check_float, check_int
-from .training import resolve_device, save_checkpoint
+from .training import load_checkpoint, resolve_device, save_checkpoint
 
 __all__ = ["DistributedContext", "setup_distributed", "seed_everything", "TORCHRUN_VARIABLES"]
 
@@ -119,14 +122,42 @@ class DistributedContext:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters, **ddp_kwargs)
 
+    def shard(self, model: nn.Module, ema: nn.Module | None = None, param_dtype: torch.dtype | None = None) -> nn.Module:
+        """FSDP2 instead of DDP: `model` and the EMA copy of `ema` sharded over the ranks (`fsdp.py`),
+        or `model` itself when not distributed. Build the optimizer after this, from the returned
+        model's parameters (the shards), then call `skip_unused`. Call the returned model for the
+        loss; sampling needs the gathered weights (`fsdp.consolidate_checkpoint`)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+        if not self.enabled:
+            return model
+        return shard_model(model, ema, device=self.device, param_dtype=param_dtype)
+
+    def skip_unused(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> UnusedParameters | None:
+        """For a sharded `model`: before each `optimizer` step, set to None the gradients no rank
+        produced (FSDP2 reduce-scatters zeros for them), so AdamW skips those parameters exactly as
+        one process would. Nothing to do for DDP or one process (returns None)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not is_sharded(model):
+            return None
+        tracker = UnusedParameters(model)
+        optimizer.register_step_pre_hook(tracker)
+        return tracker
+
     def no_sync(self, model: nn.Module, sync: bool):
         """Context for gradient accumulation: with `sync=False` the backward of a DDP `model`
-        only accumulates local gradients (no all-reduce); the micro-batch with `sync=True`
-        reduces the sum. Wrap forward AND backward of each micro-batch in it."""
+        only accumulates local gradients (no all-reduce; under FSDP2 no reduce-scatter, the
+        gathered gradients kept until then); the micro-batch with `sync=True` reduces the sum.
+        Wrap forward AND backward of each micro-batch in it."""
         check_bool("sync", sync)
-        if sync or not isinstance(model, DistributedDataParallel):
+        if sync:
             return contextlib.nullcontext()
-        return model.no_sync()
+        if is_sharded(model):
+            return _fsdp_no_sync(model)
+        if isinstance(model, DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ data and randomness
 
@@ -180,6 +211,8 @@ class DistributedContext:
                 raise TypeError(f"`modules` must be nn.Modules, got {type(module).__name__}")
             module = module.module if isinstance(module, DistributedDataParallel) else module
             for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                if isinstance(tensor, DTensor):  # an FSDP shard: each rank holds another part
+                    continue
                 if not tensor.is_complex() and id(tensor) not in seen:  # an EMA holds the online model too: send it once
                     seen.add(id(tensor))
                     names.append(f"modules[{index}].{name}")
@@ -201,11 +234,25 @@ class DistributedContext:
 
     def save_checkpoint(self, path, model, optimizer=None, scheduler=None, ema=None, step: int = 0, extra: dict | None = None):
         """Rank 0 writes the checkpoint (atomically: `training.save_checkpoint`); every rank then
-        waits for it, so none reads or resumes from a half-written state. Returns `path`."""
+        waits for it, so none reads or resumes from a half-written state. A sharded `model`
+        (FSDP2) writes a sharded checkpoint, the directory `path`, every rank its shards
+        (`fsdp.save_sharded_checkpoint`). Returns `path`."""
+        if is_sharded(model):
+            return save_sharded_checkpoint(path, model, optimizer, scheduler, ema, step=step, extra=extra)
         if self.is_main:
             save_checkpoint(path, model, optimizer, scheduler, ema, step=step, extra=extra)
         self.barrier()
         return path
+
+    def load_checkpoint(self, path, model, optimizer=None, scheduler=None, ema=None, restore_rng: bool = True) -> dict:
+        """Resume from a single-file checkpoint or a sharded one (a directory), into a sharded or a
+        plain model, whatever number of processes wrote it. Every rank calls it; returns
+        `{"step", "extra"}`."""
+        if os.path.isdir(path):
+            return load_sharded_checkpoint(path, model, optimizer, scheduler, ema, restore_rng=restore_rng)
+        if is_sharded(model):
+            return load_full_checkpoint(path, model, optimizer, scheduler, ema, restore_rng=restore_rng)
+        return load_checkpoint(path, model, optimizer, scheduler, ema, restore_rng=restore_rng)
 
     def print(self, *args, **kwargs) -> None:
         """`print` on rank 0 only."""
@@ -216,6 +263,15 @@ class DistributedContext:
         """Leave the process group (safe to call twice, and when not distributed)."""
         if self.enabled and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def _env_int(name: str) -> int:

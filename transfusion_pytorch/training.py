@@ -106,7 +106,9 @@ def _grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        return torch.nn.utils.get_total_norm(grads)
+        norm = torch.nn.utils.get_total_norm(grads)
+        # FSDP2: the gradients are DTensor shards, their norm a DTensor pending a reduction over the ranks (full_tensor does it)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     device = grads[0].device
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()).to(device) for g in grads]))
 
