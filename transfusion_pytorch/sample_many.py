@@ -205,9 +205,13 @@ def generate_modalities(model: Transfusion, streams, opening, state: Rows, optio
     cached_rows = torch.tensor(rows, device=state.holds.device)
     offsets, prefix_valid = state.positions[rows, None], state.holds[rows]
     cache = state.cache
-    # with guidance the unconditional twins live in rows count … 2·count − 1 of the cache
-    twice = (cache.rows(torch.cat((cached_rows, cached_rows + count))), torch.cat((offsets, offsets)), torch.cat((prefix_valid, prefix_valid)))
-    once = (cache.rows(cached_rows), offsets, prefix_valid)
+    # with guidance the unconditional twins live in rows count … 2·count − 1 of the cache. When every
+    # row takes part (all prompts open their modality together), slices: the cache's rows are then
+    # read as views, where a tensor of rows would gather a copy of the whole cache at every layer and step
+    every = rows == list(range(count))
+    both_rows = slice(0, 2 * count) if every else torch.cat((cached_rows, cached_rows + count))
+    twice = (cache.rows(both_rows), torch.cat((offsets, offsets)), torch.cat((prefix_valid, prefix_valid)))
+    once = (cache.rows(slice(0, count) if every else cached_rows), offsets, prefix_valid)
     layouts: dict[bool, object] = {}
 
     def velocity_fn(t: Tensor, x: Tensor, with_unconditional: bool) -> Tensor:

@@ -23,7 +23,8 @@ from einops import pack, unpack
 from torch import Tensor
 
 from .attention import KVCache
-from .decoding import TokenDecoder
+from .decoding import TokenDecoder, sample_token
+from .decoding import min_p_filter as min_p_filter  # re-exported: the package API (`transfusion_pytorch.min_p_filter`)
 from .flow import guided, integrate
 from .helpers import exists
 from .inputs import (
@@ -42,26 +43,6 @@ from .modality import to_channel_first
 
 if TYPE_CHECKING:
     from .transfusion import Transfusion
-
-
-def min_p_filter(logits: Tensor, min_p: float = 0.1) -> Tensor:
-    """Min-p sampling (Nguyen et al. 2024, arXiv 2407.01082): drop tokens whose probability is
-    below `min_p` times the most likely token's."""
-    probs = logits.softmax(dim=-1)
-    limit = min_p * probs.amax(dim=-1, keepdim=True)
-    return logits.masked_fill(probs < limit, float("-inf"))
-
-
-def sample_token(logits: Tensor, temperature: float, min_p: float) -> Tensor:
-    """`(..., l)` logits → `(..., 1)` token ids; temperature 0 is greedy."""
-    if temperature < 0:
-        raise ValueError(f"`temperature` must be >= 0, got {temperature}")
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    if min_p > 0:
-        logits = min_p_filter(logits, min_p)
-    probs = (logits.float() / temperature).softmax(dim=-1)
-    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(*probs.shape[:-1], 1)
 
 
 def check_cfg_scale(model: Transfusion, cfg_scale) -> float:
@@ -102,18 +83,10 @@ def generate_text(model: Transfusion, prompt: Tensor, seq_len: int, temperature:
     # every token's slot is known: the cache holds exactly the prompt and the new tokens
     cache = model.transformer.new_cache(batch, capacity=prompt_len + num_new - 1, device=model.device, dtype=model.dtype)
     logits = text_step(model, prompt, cache, position=0)
-    positions = torch.full((batch,), prompt_len, device=model.device)
-
-    out = []
-    for step in range(num_new):
-        logits = logits.masked_fill(~model.text_only_logits_mask, float("-inf"))
-        token = sample_token(logits, temperature, min_p)
-        out.append(token)
-        if step == num_new - 1:
-            break
-        logits = decode(cache, token[:, 0], positions + step)
-
-    return torch.cat(out, dim=1)
+    allowed = model.text_only_logits_mask
+    token = sample_token(logits.masked_fill(~allowed, float("-inf")), temperature, min_p)[:, 0]
+    out = [token, *decode.continue_text(cache, token, prompt_len, num_new - 1, allowed, temperature, min_p)]
+    return torch.stack(out, dim=1)
 
 
 # modality only
