@@ -45,6 +45,12 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_choice(name: str, value, choices: tuple) -> object:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+    return value
+
+
 def check_float(name: str, value, minimum: float | None = None, maximum: float | None = None) -> float:
     """A finite real number (0-d tensors too) within `[minimum, maximum]`, returned as a Python float."""
     value = _scalar(value)

@@ -29,7 +29,7 @@ from .attention import AttentionMask, KVCache, KVCacheRows
 from .checkpoint import load_model
 from .flow import VELOCITY_CONSISTENCY_DELTA, LossBreakdown, data_to_velocity, default_times_fn, transfusion_loss
 from .helpers import default, eval_mode, exists
-from .inputs import batch_kind, check_float, check_modality_type, check_text, instance_times, modality_only_items, modality_settings, prepare
+from .inputs import batch_kind, check_choice, check_float, check_modality_type, check_text, instance_times, modality_only_items, modality_settings, prepare
 from .layout import Layout, SpecialIds, build_layout, default_to_modality_shape_fn, pack_rows, row_lengths, text_labels, wrap_rows
 from .masks import layout_mask
 from .modality import ModalityHeads, ModalitySpec, map_grouped, to_channel_first
@@ -129,15 +129,9 @@ class Transfusion(Module):
         self.velocity_consistency_loss_weight = velocity_consistency_loss_weight
         self.reconstruction_loss_weight = reconstruction_loss_weight
 
-        # what the modality heads output: the velocity itself (as 0.12), or the clean data,
-        # turned into a velocity by `data_to_velocity` (Li & He 2025, "Back to Basics: Let
-        # Denoising Generative Models Denoise", arXiv 2511.13720: predicting data keeps large
-        # patches — many values per token, few tokens — trainable where predicting the velocity,
-        # mostly noise in high dimensions, fails). The loss and every sampler see velocities
-        # either way, so nothing downstream changes.
-        if flow_prediction not in ("velocity", "data"):
-            raise ValueError(f"`flow_prediction` must be 'velocity' or 'data', got {flow_prediction!r}")
-        self.flow_prediction = flow_prediction
+        # the heads output the velocity (as 0.12) or the clean data, which `flow.data_to_velocity`
+        # turns into one (arXiv 2511.13720): the loss and the samplers see velocities either way
+        self.flow_prediction = check_choice("flow_prediction", flow_prediction, ("velocity", "data"))
 
         # 'auto': flex attention on CUDA when the transformer has use_flex_attn, SDPA elsewhere;
         # 'flex' forces flex (on CPU: forward only, torch 2.13 has no CPU backward); 'sdpa' forces SDPA
@@ -369,21 +363,17 @@ class Transfusion(Module):
             modality `FloatTensor (b, *shape, d)` (or a list of such tensors of different
             shapes) with `modality_type=`.
         times: `(b, m)` flow time of each sample's modalities in order (modality-only: `(b,)`)
-        velocity_consistency_delta_time: δ of the velocity-consistency loss, the same for every
-            batch kind (`flow.VELOCITY_CONSISTENCY_DELTA`)
-        pack: sequence packing of an interleaved batch for the loss: several samples share a
-            row (no attention across them, positions restart); `True` packs into rows as long
-            as the longest sample, an int sets the row length (a row may run past it by the
-            null tokens of conditioning dropout). The loss equals the unpacked one.
+        velocity_consistency_delta_time: δ of the velocity-consistency loss, for every batch kind
+        pack: sequence packing of an interleaved batch for the loss: several samples share a row
+            (no attention across them, positions restart); `True` packs into rows as long as the
+            longest sample, an int sets the row length (a row may run past it by CFG's null tokens)
         Returns the scalar loss, `(loss, LossBreakdown)` with `return_breakdown=True`, or the
         text logits `(b, n, l)` with `return_loss=False` (modality-only: the velocities).
         """
         kind, delta_time = batch_kind(
             self.num_modalities, modalities, modality_type, pack, return_loss, return_breakdown, velocity_consistency_delta_time, num_modalities_to_times_fn
         )
-        ema_model = velocity_consistency_ema_model
-        if isinstance(ema_model, EMA):
-            ema_model = ema_model.ema_model
+        ema_model = velocity_consistency_ema_model.ema_model if isinstance(velocity_consistency_ema_model, EMA) else velocity_consistency_ema_model
         if exists(ema_model) and not isinstance(ema_model, Transfusion):
             raise TypeError(f"`velocity_consistency_ema_model` must be a Transfusion or its EMA, got {type(ema_model).__name__}")
         if kind == "text":  # `times`, `num_modalities_to_times_fn` and the EMA have nothing to act on here; 0.12 ignored them too
