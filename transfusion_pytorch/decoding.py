@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._typing import Bool, Float, Int, typecheck, typecheck_disabled
-from .attention import AttentionMask, KVCache, SlotCache
+from .attention import AttentionMask, KVCache, Rotation, SlotCache, rotate
 
 if TYPE_CHECKING:
     from .transfusion import Transfusion
@@ -159,14 +159,6 @@ class TextWeights:
         return (self.embed, self.freqs, tuple(self.layers), self.norm_gamma, self.head)
 
 
-def _rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """`attention.rotate` on `(b, h, dh)`: pairs of features `(x1, x2)` turn to `(-x2, x1)`
-    (`rotate_half` of `rotary_embedding_torch`), at >= fp32 and cast back."""
-    pairs = t.unflatten(-1, (-1, 2))
-    half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return (t * cos + half * sin).to(t.dtype)
-
-
 def text_decode_step(
     weights: tuple,
     shape: tuple[int, int, float],
@@ -190,7 +182,7 @@ def text_decode_step(
 
     with torch.autocast(x.device.type, enabled=False):  # the rotary angles in fp32, as `RotaryEmbedding`
         angles = (positions[:, None].to(freqs.dtype) * freqs).repeat_interleave(2, dim=-1)[:, None]  # (b, 1, dh)
-    cos, sin = angles.cos(), angles.sin()
+    rotation = Rotation(angles.cos(), angles.sin())
     compiled = torch.compiler.is_compiling()
 
     skips = []
@@ -204,7 +196,7 @@ def text_decode_step(
         projected = h @ qkv_w
         inner = heads * dim_head
         q, k, v = projected[:, : 3 * inner].unflatten(-1, (3, heads, dim_head)).unbind(1)  # (b, h, dh) each
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rotate(rotation, q), rotate(rotation, k)
         cached_keys, cached_values = keys[index], values[index]
         cached_keys.index_copy_(-2, slot, k[:, :, None].to(cached_keys.dtype))
         cached_values.index_copy_(-2, slot, v[:, :, None].to(cached_values.dtype))
