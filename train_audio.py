@@ -53,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 from transfusion_pytorch import BucketBatchSampler, Transfusion
-from transfusion_pytorch.distributed import setup_distributed
+from transfusion_pytorch.distributed import run_distributed
 from transfusion_pytorch.examples.audio import (
     NUM_TEXT_TOKENS,
     WORDS,
@@ -233,13 +233,8 @@ def run_evaluation(model, ema, codec, data, eval_latents, args, out: Path, step:
 
 def main(args):
     resolve_device(args.device)  # first: a bad --device fails before anything runs
-    # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in.
-    # It seeds every rank alike, so every rank builds the same initial weights.
-    ctx = setup_distributed(enabled=args.ddp, device=args.device, seed=args.seed)
-    try:
-        return train(args, ctx)
-    finally:
-        ctx.teardown()
+    # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in
+    return run_distributed(train, args)
 
 
 def train(args, ctx):

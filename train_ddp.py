@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from train_mnist import build_model, build_parser, caption_image_pairs, generate_digits, run_evaluation
 from transfusion_pytorch import Transfusion
-from transfusion_pytorch.distributed import seed_everything, setup_distributed
+from transfusion_pytorch.distributed import run_distributed, seed_everything
 from transfusion_pytorch.examples.mnist import DIGIT_WORDS, load_digits, to_unit_pixels
 from transfusion_pytorch.examples.recipes import flow_times, warmup_cosine
 from transfusion_pytorch.fsdp import consolidate_checkpoint
@@ -100,11 +100,7 @@ def evaluate_checkpoint(path, split, args, out, precision, device, logger=None):
 def main(args):
     # without torchrun (plain `python train_ddp.py`) there is nothing to join: one process
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    ctx = setup_distributed(enabled=under_torchrun, device=args.device, seed=args.seed, timeout_s=args.timeout)
-    try:
-        return train(args, ctx)
-    finally:
-        ctx.teardown()
+    return run_distributed(train, args, enabled=under_torchrun, timeout_s=args.timeout)
 
 
 def train(args, ctx):

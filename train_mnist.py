@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.codecs import Patchify, Unpatchify
-from transfusion_pytorch.distributed import setup_distributed
+from transfusion_pytorch.distributed import run_distributed
 from transfusion_pytorch.examples.judges import classify, train_classifier
 from transfusion_pytorch.examples.mnist import (
     DIGIT_WORDS,
@@ -218,13 +218,8 @@ def run_evaluation(model: Transfusion, ema, split, args, out: Path, step: int, p
 
 def main(args):
     resolve_device(args.device)  # first: a bad --device fails before anything runs
-    # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in.
-    # It seeds every rank alike, so every rank builds the same initial weights.
-    ctx = setup_distributed(enabled=args.ddp, device=args.device, seed=args.seed)
-    try:
-        return train(args, ctx)
-    finally:
-        ctx.teardown()
+    # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in
+    return run_distributed(train, args)
 
 
 def train(args, ctx):

@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from transfusion_pytorch import Transfusion, print_modality_sample
-from transfusion_pytorch.distributed import setup_distributed
+from transfusion_pytorch.distributed import run_distributed
 from transfusion_pytorch.training import RunLogger, breakdown_metrics, device_argument, make_optimizer, make_precision, resolve_device
 
 
@@ -36,12 +36,8 @@ def make_batch(batch_size: int, generator: torch.Generator, device: torch.device
 
 def main(args):
     resolve_device(args.device)  # first: a bad --device fails before anything runs
-    # with --ddp (under torchrun) this joins the process group; it seeds every rank alike (same weights)
-    ctx = setup_distributed(enabled=args.ddp, device=args.device, seed=args.seed)
-    try:
-        return train(args, ctx)
-    finally:
-        ctx.teardown()
+    # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in
+    return run_distributed(train, args)
 
 
 def train(args, ctx):

@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from transfusion_pytorch import BucketBatchSampler, Transfusion
 from transfusion_pytorch.codecs import VideoPatchify, VideoUnpatchify
-from transfusion_pytorch.distributed import setup_distributed
+from transfusion_pytorch.distributed import run_distributed
 from transfusion_pytorch.examples.mnist import load_digits, to_unit_pixels
 from transfusion_pytorch.examples.recipes import flow_times, warmup_cosine
 from transfusion_pytorch.examples.video import (
@@ -271,13 +271,8 @@ def main(args):
         raise ValueError(f"`--patch-size` must divide the 32-pixel frame side, got {args.patch_size}")
     if args.min_frames > args.frames:
         raise ValueError(f"`--min-frames` ({args.min_frames}) must be at most `--frames` ({args.frames})")
-    # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in.
-    # It seeds every rank alike, so every rank builds the same initial weights.
-    ctx = setup_distributed(enabled=args.ddp, device=args.device, seed=args.seed)
-    try:
-        return train(args, ctx)
-    finally:
-        ctx.teardown()
+    # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in
+    return run_distributed(train, args)
 
 
 def train(args, ctx):

@@ -642,3 +642,35 @@ def test_sharded_checkpoint_restores_the_optimizer_as_written(tmp_path):
     assert max_difference(restored_optimizer.state_dict(), optimizer.state_dict()) == 0.0
     assert restored_scheduler.state_dict() == scheduler.state_dict()
     assert max_difference(restored.state_dict(), model.state_dict()) == 0.0
+
+
+def test_run_distributed_seeds_from_args_and_tears_down_on_error():
+    from argparse import Namespace
+
+    from transfusion_pytorch.distributed import run_distributed
+
+    args = Namespace(ddp=False, device="cpu", seed=7)
+    seen = []
+
+    def train(args, ctx):
+        seen.append(ctx)
+        return torch.rand(3)
+
+    first, second = run_distributed(train, args), run_distributed(train, args)
+    assert torch.equal(first, second)  # seeded from args.seed before train runs
+    assert seen[0].world_size == 1 and not seen[0].enabled and seen[0].device.type == "cpu"
+
+    def broken(args, ctx):
+        raise RuntimeError("inside train")
+
+    torn_down = []
+    original = DistributedContext.teardown
+    DistributedContext.teardown = lambda self: torn_down.append(self) or original(self)
+    try:
+        with pytest.raises(RuntimeError, match="inside train"):
+            run_distributed(broken, args)
+    finally:
+        DistributedContext.teardown = original
+    assert len(torn_down) == 1
+    with pytest.raises(ValueError, match="--ddp"):  # enabled without torchrun's environment
+        run_distributed(train, Namespace(ddp=True, device="cpu", seed=0))

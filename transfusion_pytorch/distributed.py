@@ -282,6 +282,15 @@ def _env_int(name: str) -> int:
         raise ValueError(f"environment variable {name} must be an integer (torchrun sets it), got {value!r}") from None
 
 
+def run_distributed(train, args, enabled: bool | None = None, **setup_kwargs):
+    """`train(args, ctx)` on the context of `setup_distributed` — joined under torchrun when
+    `enabled` (default `args.ddp`), a 1-process stand-in otherwise, every rank seeded alike from
+    `args.seed` so every rank builds the same initial weights — and torn down however it ends.
+    The `main` of every example script."""
+    with setup_distributed(enabled=args.ddp if enabled is None else enabled, device=args.device, seed=args.seed, **setup_kwargs) as ctx:
+        return train(args, ctx)
+
+
 def setup_distributed(
     enabled: bool,
     device: str | torch.device = "auto",
