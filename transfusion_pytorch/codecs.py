@@ -77,15 +77,9 @@ def _check_video_batch(x, name: str) -> tuple[Tensor, bool]:
     return (x, True) if x.ndim == 5 else (x[None], False)
 
 
-class VideoPatchify(Module):
-    """Video `(b, c, f, h, w)` → channel-first latent `(b, c·pf·p·p, f/pf, h/p, w/p)`: each
-    pf×p×p tube (`frame_patch_size` frames of a p×p patch) one token.
-
-    The spatio-temporal "tubelet" patches of ViViT (Arnab et al. 2021, arXiv 2103.15691) and
-    of video DiTs, without the projection, which the model's `latent_to_model` provides:
-    lossless and parameter-free. 8 frames of 32×32 with 2×4×4 tubes are 4×8×8 = 256 tokens of
-    `c·32` values. `frame_patch_size=1` patches every frame on its own (`Patchify` per frame).
-    """
+class _Tubes(Module):
+    """The settings `VideoPatchify` and `VideoUnpatchify` share: a tube of `frame_patch_size`
+    frames of a `patch_size`² patch."""
 
     def __init__(self, patch_size: int, frame_patch_size: int = 1):
         super().__init__()
@@ -94,6 +88,17 @@ class VideoPatchify(Module):
 
     def get_config(self) -> dict:
         return {"patch_size": self.patch_size, "frame_patch_size": self.frame_patch_size}
+
+
+class VideoPatchify(_Tubes):
+    """Video `(b, c, f, h, w)` → channel-first latent `(b, c·pf·p·p, f/pf, h/p, w/p)`: each
+    pf×p×p tube (`frame_patch_size` frames of a p×p patch) one token.
+
+    The spatio-temporal "tubelet" patches of ViViT (Arnab et al. 2021, arXiv 2103.15691) and
+    of video DiTs, without the projection, which the model's `latent_to_model` provides:
+    lossless and parameter-free. 8 frames of 32×32 with 2×4×4 tubes are 4×8×8 = 256 tokens of
+    `c·32` values. `frame_patch_size=1` patches every frame on its own (`Patchify` per frame).
+    """
 
     def forward(self, videos: Tensor) -> Tensor:
         p, pf = self.patch_size, self.frame_patch_size
@@ -106,16 +111,8 @@ class VideoPatchify(Module):
         return latents if batched else latents[0]
 
 
-class VideoUnpatchify(Module):
+class VideoUnpatchify(_Tubes):
     """The inverse of `VideoPatchify`: `(b, c·pf·p·p, f, h, w)` → `(b, c, f·pf, h·p, w·p)`."""
-
-    def __init__(self, patch_size: int, frame_patch_size: int = 1):
-        super().__init__()
-        self.patch_size = _check_patch_size(patch_size)
-        self.frame_patch_size = _check_patch_size(frame_patch_size, "frame_patch_size")
-
-    def get_config(self) -> dict:
-        return {"patch_size": self.patch_size, "frame_patch_size": self.frame_patch_size}
 
     def forward(self, latents: Tensor) -> Tensor:
         p, pf = self.patch_size, self.frame_patch_size
