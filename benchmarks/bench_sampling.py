@@ -6,8 +6,8 @@ Two workloads of 32 prompts, as `train_mnist.py` samples them:
       points, midpoint solver), then writes text until `[eos]` or `--max-text` more tokens;
   image → text: a 7×7 image, then up to `--caption-tokens` tokens of text (a caption).
 Each is timed four ways, alternating for `--rounds` rounds in one process: `sample` in a
-loop and `sample_many`, each eager and with `compile=True` (the one-token decode step under
-torch.compile; compiled once before timing). The model (dim 256, depth 4, 4 heads) has
+loop and `sample_many`, each eager and with `compile=True` (the one-token decode step and the
+ODE step under torch.compile, `decoding.py` / `ode_step.py`; compiled before timing). The model (dim 256, depth 4, 4 heads) has
 random weights: speed does not depend on training, and greedy decoding plus fixed noise
 make every path produce the same samples (checked before timing). Reported: median
 samples/s and the speedup over the eager `sample` loop.

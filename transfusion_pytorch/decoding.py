@@ -9,7 +9,8 @@ hidden by `visible`: its shapes depend on the batch and the cache's capacity, ne
 length decoded so far. So `torch.compile` traces it once and then runs it for every token
 (a recompile when the capacity doubles or the batch changes makes those sizes dynamic, and
 the one after reuses the kernel); `Transfusion.sample(..., compile=True)`,
-`sample_many(..., compile=True)` and `generate_text_only(..., compile=True)` use it.
+`sample_many(..., compile=True)` and `generate_text_only(..., compile=True)` use it (the
+first two compile their ODE step the same way: `ode_step.py`).
 
 At batch 1 a token's arithmetic is a few matrix-vector products, so the step is all
 overhead unless it is lean. For the plain transformer (no hooks, hyper-connections, LASER or

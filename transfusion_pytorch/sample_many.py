@@ -18,6 +18,10 @@ step's `holds` for text). Each round:
 A finished sample (`[eos]` or its budget spent) takes part in nothing more: once half the
 cache's rows are finished ones, they are dropped (`Rows.drop_finished`). With greedy
 decoding and the same `init_modality_noise`, `sample_many([p])` gives what `sample(p)` gives.
+
+`compile=True` compiles the decode step (`decoding.py`) and the ODE step (`ode_step.py`): the
+opened modalities are then solved one group per modality type and shape, each group's step
+one graph for all its ODE steps (traced again only for a new batch, shape or cache capacity).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from einops import pack, unpack
 from torch import Tensor
 
+from . import ode_step
 from .decoding import TokenDecoder
 from .flow import guided, integrate
 from .inputs import check_bool, check_init_noise
@@ -106,7 +111,7 @@ def sample_many(model: Transfusion, prompts, init_modality_noise=None, compile: 
                 continue
             opening.append((row, modality_type, shape, modality_noise(model, modality_type, shape, noises[sample])))
         if opening:
-            generate_modalities(model, [streams[state.live[row]] for row, *_ in opening], opening, state, options)
+            generate_modalities(model, [streams[state.live[row]] for row, *_ in opening], opening, state, options, compile)
             feeding = {}
             for row, modality_type, shape, _ in opening:
                 sample = state.live[row]
@@ -195,11 +200,13 @@ class Rows:
         self.live = [self.live[row] for row in keep.tolist()]
 
 
-def generate_modalities(model: Transfusion, streams, opening, state: Rows, options):
+def generate_modalities(model: Transfusion, streams, opening, state: Rows, options, compile: bool = False):
     """One ODE solve for every opened modality (each its own type and shape, after its own cached
-    prefix), guided when `cfg_scale != 1`; then the clean modalities are committed to the cache."""
+    prefix), guided when `cfg_scale != 1`; then the clean modalities are committed to the cache.
+    With `compile=True`, one solve per modality type and shape on the compiled step of `ode_step.py`."""
     rows = [row for row, *_ in opening]
     types = [modality_type for _, modality_type, _, _ in opening]
+    shapes = [shape for _, _, shape, _ in opening]
     count, instances = len(state.live), [[i] for i in range(len(opening))]
     packed, packed_shapes = pack([noise for *_, noise in opening], "*")
     cached_rows = torch.tensor(rows, device=state.holds.device)
@@ -210,8 +217,9 @@ def generate_modalities(model: Transfusion, streams, opening, state: Rows, optio
     # read as views, where a tensor of rows would gather a copy of the whole cache at every layer and step
     every = rows == list(range(count))
     both_rows = slice(0, 2 * count) if every else torch.cat((cached_rows, cached_rows + count))
+    once_rows = slice(0, count) if every else cached_rows
     twice = (cache.rows(both_rows), torch.cat((offsets, offsets)), torch.cat((prefix_valid, prefix_valid)))
-    once = (cache.rows(slice(0, count) if every else cached_rows), offsets, prefix_valid)
+    once = (cache.rows(once_rows), offsets, prefix_valid)
     layouts: dict[bool, object] = {}
 
     def velocity_fn(t: Tensor, x: Tensor, with_unconditional: bool) -> Tensor:
@@ -227,11 +235,36 @@ def generate_modalities(model: Transfusion, streams, opening, state: Rows, optio
             return torch.stack((pack(v[:half], "*")[0], pack(v[half:], "*")[0])).float()
         return pack(v, "*")[0].float()
 
-    latents = unpack(integrate(guided(velocity_fn, options.cfg_scale), packed, options.modality_steps, model.odeint_kwargs), packed_shapes, "*")
+    groups: dict[tuple, list[int]] = {}  # the instances of each modality type and shape
+    for index, key in enumerate(zip(types, shapes)):
+        groups.setdefault(key, []).append(index)
+    committed = False
+    if compile and all(ode_step.supported(model, [k], [shape]) for k, shape in groups):
+        # the compiled step (`ode_step.py`, guided inside): one solve per type and shape, each
+        # row's ODE independent of the others' (a fixed-step solver gives each the same steps)
+        latents: list = [None] * len(opening)
+        for (modality_type, shape), indices in groups.items():
+            group_rows = torch.tensor([rows[i] for i in indices], device=state.holds.device)
+            selected = slice(0, count) if len(indices) == count else group_rows  # all rows: views, in order (`every`)
+            if state.guided:
+                selected = slice(0, 2 * count) if len(indices) == count else torch.cat((group_rows, group_rows + count))
+            noise, noise_shapes = pack([opening[i][3] for i in indices], "*")
+            velocity = ode_step.cached_velocity(model, modality_type, shape, cache, selected, offsets[indices, 0], prefix_valid[indices], options.cfg_scale)
+            solved = integrate(velocity, noise, options.modality_steps, model.odeint_kwargs)
+            for i, latent in zip(indices, unpack(solved, noise_shapes, "*")):
+                latents[i] = latent
+        if len(indices) == count and not state.guided:  # one group, every row, the cache's own rows: the step at t = 1 is
+            velocity(torch.ones((), device=solved.device), solved)  # the commit pass (it writes the clean tokens' keys / values)
+            committed = True
+    else:
+        latents = unpack(integrate(guided(velocity_fn, options.cfg_scale), packed, options.modality_steps, model.odeint_kwargs), packed_shapes, "*")
 
-    _, layout, _ = model.predict(
-        instances, types, latents, torch.ones(len(rows), device=state.holds.device), cache=once[0], position_offset=offsets, prefix_valid=prefix_valid
-    )
-    state.advance(rows, [math.prod(shape) for _, _, shape, _ in opening], layout.seq_len)
+    if committed:
+        state.advance(rows, [math.prod(shape) for shape in shapes], math.prod(shapes[0]))
+    else:
+        _, layout, _ = model.predict(
+            instances, types, latents, torch.ones(len(rows), device=state.holds.device), cache=once[0], position_offset=offsets, prefix_valid=prefix_valid
+        )
+        state.advance(rows, [math.prod(shape) for shape in shapes], layout.seq_len)
     for stream, (_, modality_type, _, _), latent in zip(streams, opening, latents):
         stream.add_instance(modality_type, latent, pending=False)

@@ -22,6 +22,7 @@ import torch
 from einops import pack, unpack
 from torch import Tensor
 
+from . import ode_step
 from .attention import KVCache
 from .decoding import TokenDecoder, sample_token
 from .decoding import min_p_filter as min_p_filter  # re-exported: the package API (`transfusion_pytorch.min_p_filter`)
@@ -369,7 +370,11 @@ def sample_interleaved(model: Transfusion, prompt=None, cache_kv: bool = True, c
         if exists(stream.cache):
             stream.flush()  # the `[meta] shape [som]` tokens join the prefix
 
-        latent = integrate(guided(stream.velocity_fn(modality_type), options.cfg_scale), noise, options.modality_steps, model.odeint_kwargs)
+        velocity = guided(stream.velocity_fn(modality_type), options.cfg_scale)
+        if compile and exists(stream.cache) and ode_step.supported(model, [modality_type], [shape]):  # the compiled ODE step (`ode_step.py`)
+            position = torch.tensor([stream.next_position], device=model.device)
+            velocity = ode_step.cached_velocity(model, modality_type, shape, stream.full_cache, slice(None), position, None, options.cfg_scale)
+        latent = integrate(velocity, noise, options.modality_steps, model.odeint_kwargs)
         stream.commit_modality(modality_type, latent)
         stream.add_text([model.spec(modality_type).eom_id])
         length += num_tokens

@@ -442,7 +442,7 @@ class Transfusion(Module):
         """Continue `prompt` (text, a modality, `(type, tensor)` or an interleaved list) into one
         interleaved sample: text tensors and `(modality_type, tensor)` tuples. `force_modality_at_start`
         (`k` or `(k, shape)`) starts with modality `k` instead of decoding text first. `compile=True`
-        runs the one-token decode step under `torch.compile` (`decoding.py`)."""
+        runs the one-token decode step and the ODE step under `torch.compile` (`decoding.py`, `ode_step.py`)."""
         arguments = {name: value for name, value in locals().items() if name not in ("self", "prompt", "cache_kv", "compile", "__class__")}
         return sampling.sample_interleaved(self, prompt, cache_kv, compile, **arguments)
 
