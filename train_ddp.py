@@ -46,7 +46,7 @@ from tqdm import tqdm
 from train_mnist import build_model, build_parser, caption_image_pairs, generate_digits, run_evaluation
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.distributed import run_distributed, seed_everything
-from transfusion_pytorch.examples.mnist import DIGIT_WORDS, load_digits, to_unit_pixels
+from transfusion_pytorch.examples.mnist import DIGIT_WORDS, load_digits, shift_images, to_unit_pixels
 from transfusion_pytorch.examples.recipes import flow_times, warmup_cosine
 from transfusion_pytorch.fsdp import consolidate_checkpoint
 from transfusion_pytorch.training import RunLogger, breakdown_metrics, load_checkpoint, make_optimizer, make_precision
@@ -63,7 +63,8 @@ def shard_loss(ddp_model, split, args, step: int, shard: int, micro_batch: int, 
     torch.manual_seed(shard_seed(args.seed, step, shard))
     index = torch.randint(0, len(split.train_labels), (micro_batch,)).to(split.train_images.device)
     image_first = torch.rand(micro_batch) < args.caption_fraction
-    batch = caption_image_pairs(split.train_images[index], split.train_labels[index], image_first)
+    images = shift_images(split.train_images[index], args.caption_shift, where=image_first)  # as train_mnist.py: captioning samples only
+    batch = caption_image_pairs(images, split.train_labels[index], image_first)
     times = flow_times(image_first, args.caption_min_time).to(split.train_images.device)
     with precision.autocast():
         return ddp_model(batch, times=times, return_breakdown=True)

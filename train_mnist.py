@@ -31,9 +31,15 @@ Evaluation (`<out>/eval.json`), for the online and the EMA weights:
     without guidance draws ~90 % recognisable digits, with it ~100 %;
   - captioning: each held-out image as the prompt, greedy decoding up to [eos], exact
     match of the written word.
+Both go through `sample_many` (100 image prompts or 250 caption prompts a call): the
+evaluation takes ~1.5 minutes on 2 cores where one prompt at a time took ~5.
+
+Options the benchmarks of issue 15 tried (off by default, `benchmarks/results.md`):
+`--caption-shift N` moves the images before a caption by up to N pixels, `--text-loss-weight`
+scales the text term, `--flow-prediction data` predicts clean images.
 The grid of generated digits (rows 0-9) is `<out>/samples.png`.
 
-    python train_mnist.py                   # the default run: 11-12 minutes on 2 idle CPU cores
+    python train_mnist.py                   # the default run: about 20 minutes on 2 idle CPU cores
     python train_mnist.py --device cuda     # on a GPU (--device auto, the default, takes it when there is one)
     python train_mnist.py --resume latest   # continue <out>/checkpoints/latest.pt
     python train_mnist.py --eval-only runs/mnist/checkpoints/latest.pt
@@ -62,6 +68,7 @@ from transfusion_pytorch.examples.mnist import (
     caption_of,
     decode_caption,
     load_digits,
+    shift_images,
     to_unit_pixels,
 )
 from transfusion_pytorch.examples.recipes import flow_times, warmup_cosine  # noqa: F401  (train_ddp.py, benchmarks import them from here)
@@ -88,6 +95,8 @@ def build_model(args) -> Transfusion:
         modality_decoder=Unpatchify(4),
         add_pos_emb=True,
         unconditional_prob=args.unconditional_prob,
+        text_loss_weight=args.text_loss_weight,
+        flow_prediction=args.flow_prediction,
         transformer=dict(dim=args.dim, depth=args.depth, dim_head=args.dim // args.heads, heads=args.heads),
     )
 
@@ -101,27 +110,29 @@ def generation_prompt(model: Transfusion, digit: int) -> torch.Tensor:
     return torch.cat((caption_of(digit), torch.tensor(before))).to(model.device)
 
 
-def generate_digits(sampler, model: Transfusion, digits: list[int], modality_steps: int, cfg_scale: float = 1.0) -> torch.Tensor:
-    """One image per entry of `digits` → `(n, 1, 28, 28)` in model pixels. `sampler` is the
-    model or its EMA (whose `sample` runs the EMA weights)."""
+def generate_digits(sampler, model: Transfusion, digits: list[int], modality_steps: int, cfg_scale: float = 1.0, chunk: int = 100) -> torch.Tensor:
+    """One image per entry of `digits` → `(n, 1, 28, 28)` in model pixels, `chunk` prompts per
+    batched `sample_many` call. `sampler` is the model or its EMA (whose `sample_many` runs the
+    EMA weights)."""
     cfg_scale = cfg_scale if model.unconditional_prob > 0 else 1.0  # no guidance without conditioning dropout
     images = []
-    for digit in digits:
+    for start in range(0, len(digits), chunk):
+        prompts = [generation_prompt(model, digit) for digit in digits[start : start + chunk]]
         # max_length counts the 49 image tokens: sampling stops right after the image
-        sample = sampler.sample(
-            prompt=generation_prompt(model, digit), max_length=49, fixed_modality_shape=IMAGE_SHAPE, modality_steps=modality_steps, cfg_scale=cfg_scale
-        )
-        images.append(next(item[1] for item in sample if isinstance(item, tuple)))
+        samples = sampler.sample_many(prompts, max_length=49, fixed_modality_shape=IMAGE_SHAPE, modality_steps=modality_steps, cfg_scale=cfg_scale)
+        images.extend(next(item[1] for item in sample if isinstance(item, tuple)) for sample in samples)
     return torch.stack(images)
 
 
-def caption_images(sampler, images: torch.Tensor) -> list[str]:
-    """Greedy captions of `(n, 1, 28, 28)` images: the letters written after the image, up to [eos]."""
+def caption_images(sampler, images: torch.Tensor, chunk: int = 250) -> list[str]:
+    """Greedy captions of `(n, 1, 28, 28)` images: the letters written after the image, up to
+    [eos]; `chunk` images per batched `sample_many` call."""
     words = []
-    for image in images:
-        sample = sampler.sample(prompt=(0, image), max_length=8, text_temperature=0.0)
-        after = sample[-1] if torch.is_tensor(sample[-1]) else torch.empty(0, dtype=torch.long)
-        words.append(decode_caption(after[1:]))  # after[0] is the image's [eom]
+    for start in range(0, len(images), chunk):
+        samples = sampler.sample_many([(0, image) for image in images[start : start + chunk]], max_length=8, text_temperature=0.0)
+        for sample in samples:
+            after = sample[-1] if torch.is_tensor(sample[-1]) else torch.empty(0, dtype=torch.long)
+            words.append(decode_caption(after[1:]))  # after[0] is the image's [eom]
     return words
 
 
@@ -271,7 +282,8 @@ def train(args, ctx):
         # drawn on the CPU (the same batches on every device), then moved to the model's device
         index = torch.randint(0, len(split.train_labels), (batch_size,)).to(device)
         image_first = torch.rand(batch_size) < args.caption_fraction
-        batch = caption_image_pairs(split.train_images[index], split.train_labels[index], image_first)
+        images = shift_images(split.train_images[index], args.caption_shift, where=image_first)  # captioning samples only
+        batch = caption_image_pairs(images, split.train_labels[index], image_first)
         times = flow_times(image_first, args.caption_min_time).to(device)
 
         with precision.autocast():
@@ -332,7 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     # 0.35 rather than 0.5: captioning is the easier task (it stayed ~90 % either way), and the
     # images of [image, caption] samples train only unconditional generation
     parser.add_argument("--caption-fraction", type=float, default=0.35, help="share of samples in the [image, caption] order")
+    parser.add_argument(
+        "--caption-shift", type=int, default=0, help="move images before a caption by up to N pixels (augmentation; generation samples stay put)"
+    )
     parser.add_argument("--caption-min-time", type=float, default=0.5, help="least flow time (most noise) of an image before a caption")
+    parser.add_argument("--text-loss-weight", type=float, default=1.0, help="λ_text of the loss (the text term is already scaled by its share of the tokens)")
+    parser.add_argument("--flow-prediction", choices=("velocity", "data"), default="velocity", help="the model predicts an image's velocity, or its clean data")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)

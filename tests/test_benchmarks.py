@@ -134,3 +134,27 @@ def test_bench_ablation_quick(tmp_path):
     assert Path(report["plot"]).stat().st_size > 1000
     with pytest.raises(ValueError, match="variants"):
         bench_ablation.main(bench_ablation.build_parser().parse_args(["--variants", "nope"]))
+
+
+def test_compare_quality_quick_runs_the_012_api_script_with_our_package(tmp_path):
+    """`quality_worker.py` uses only 0.12.0's public API; with our package it trains, samples and
+    is judged. (Both sides, with 0.12.0's venv built from PyPI, in the slow test below.)"""
+    import compare_quality
+
+    args = compare_quality.build_parser().parse_args(["--quick", "--sides", "ours", "--json", str(tmp_path / "q.json")])
+    report = compare_quality.main(args)
+    result = report["results"]["ours"]
+    assert result["steps"] > 0 and 0.0 <= result["prompt_accuracy"] <= 1.0 and 0.0 <= result["captioning_accuracy"] <= 1.0
+    assert math.isfinite(result["digit_fid"]) and result["digit_fid"] > report["real_floor_digit_fid"]
+    assert Path(report["plot"]).stat().st_size > 1000
+    with pytest.raises(ValueError, match="sides"):
+        compare_quality.main(compare_quality.build_parser().parse_args(["--quick", "--sides", "0.11"]))
+
+
+@pytest.mark.slow
+def test_compare_quality_quick_both_sides(tmp_path):
+    import compare_quality
+
+    args = compare_quality.build_parser().parse_args(["--quick", "--json", str(tmp_path / "q.json")])
+    report = compare_quality.main(args)
+    assert set(report["results"]) == {"ours", "0.12.0"} and all(r["steps"] > 0 for r in report["results"].values())

