@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .attention import KVCache, Rotation, rotate
 from .decoding import TextWeights, compiled
-from .flow import DATA_PREDICTION_MIN_GAP
+from .flow import cfg_blend, data_to_velocity
 
 if TYPE_CHECKING:
     from .transfusion import Transfusion
@@ -163,24 +163,20 @@ def ode_velocity_step(
         h = h[:, 1:]  # drop the null token's slot
         x = torch.cat((x, x))
     velocity = F.linear(h, *to_latent)
-    if data_prediction:  # `flow.data_to_velocity`
-        gap = (1.0 - t.float()).clamp(min=DATA_PREDICTION_MIN_GAP)
-        velocity = ((velocity.float() - x.float()) / gap).to(velocity.dtype)
+    if data_prediction:
+        velocity = data_to_velocity(velocity, x, t)
     velocity = velocity.float()
     if cfg_scale is None:
         return velocity
-    v_cond, v_uncond = velocity.chunk(2)
-    return v_uncond + cfg_scale * (v_cond - v_uncond)  # `flow.cfg_blend`
+    return cfg_blend(*velocity.chunk(2), cfg_scale)
 
 
 def rotary_rotation(model: Transfusion, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin `(rows, 1, 1, dh)` of one rotary position per row, in fp32 as `RotaryEmbedding` takes
-    them; computed once per solve, outside the compiled step (inside, inductor recomputed them for
-    every element of the queries and keys at every step)."""
-    freqs = model.transformer.rotary.embed.freqs
-    with torch.autocast(positions.device.type, enabled=False):
-        angles = (positions[:, None].to(freqs.dtype) * freqs).repeat_interleave(2, dim=-1)[:, None, None]
-    return angles.cos(), angles.sin()
+    """cos and sin `(rows, 1, 1, dh)` of one rotary position per row (the model's
+    `RotaryEmbedding`, fp32); computed once per solve, outside the compiled step (inside,
+    inductor recomputed them for every element of the queries and keys at every step)."""
+    rotation = model.transformer.rotary(positions.long()[:, None])
+    return rotation.cos, rotation.sin
 
 
 def cached_velocity(

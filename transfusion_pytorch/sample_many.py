@@ -243,19 +243,21 @@ def generate_modalities(model: Transfusion, streams, opening, state: Rows, optio
         # the compiled step (`ode_step.py`, guided inside): one solve per type and shape, each
         # row's ODE independent of the others' (a fixed-step solver gives each the same steps)
         latents: list = [None] * len(opening)
+        whole = every and len(groups) == 1  # one group of every row, in order: the cache's rows as views
         for (modality_type, shape), indices in groups.items():
-            group_rows = torch.tensor([rows[i] for i in indices], device=state.holds.device)
-            selected = slice(0, count) if len(indices) == count else group_rows  # all rows: views, in order (`every`)
-            if state.guided:
-                selected = slice(0, 2 * count) if len(indices) == count else torch.cat((group_rows, group_rows + count))
+            if whole:
+                selected = slice(0, 2 * count if state.guided else count)
+            else:
+                group_rows = torch.tensor([rows[i] for i in indices], device=state.holds.device)
+                selected = torch.cat((group_rows, group_rows + count)) if state.guided else group_rows
             noise, noise_shapes = pack([opening[i][3] for i in indices], "*")
             velocity = ode_step.cached_velocity(model, modality_type, shape, cache, selected, offsets[indices, 0], prefix_valid[indices], options.cfg_scale)
             solved = integrate(velocity, noise, options.modality_steps, model.odeint_kwargs)
             for i, latent in zip(indices, unpack(solved, noise_shapes, "*")):
                 latents[i] = latent
-        if len(indices) == count and not state.guided:  # one group, every row, the cache's own rows: the step at t = 1 is
-            velocity(torch.ones((), device=solved.device), solved)  # the commit pass (it writes the clean tokens' keys / values)
-            committed = True
+            if whole and not state.guided:  # the cache's own rows: the step at t = 1 is the commit pass
+                velocity(torch.ones((), device=solved.device), solved)  # (it writes the clean tokens' keys / values)
+                committed = True
     else:
         latents = unpack(integrate(guided(velocity_fn, options.cfg_scale), packed, options.modality_steps, model.odeint_kwargs), packed_shapes, "*")
 
