@@ -228,7 +228,9 @@ def run_evaluation(model: Transfusion, ema, split, args, out: Path, step: int, p
 
 
 def main(args):
-    resolve_device(args.device)  # first: a bad --device fails before anything runs
+    resolve_device(args.device)  # first: a bad --device (or --caption-shift) fails before anything runs
+    if args.caption_shift < 0:
+        raise ValueError(f"`--caption-shift` must be a whole number of pixels ≥ 0, got {args.caption_shift}")
     # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in
     return run_distributed(train, args)
 

@@ -115,6 +115,9 @@ def plot(sides: dict, results: dict, path: Path, per_digit: int) -> str:
 def main(args) -> dict:
     if args.seconds <= 0:
         raise ValueError(f"`--seconds` must be > 0, got {args.seconds}")
+    for flag, value in (("--per-digit", args.per_digit), ("--captions", args.captions)):
+        if value < 1:
+            raise ValueError(f"`{flag}` must be at least 1, got {value}")
     if args.quick:
         args.seconds, args.per_digit, args.captions = min(args.seconds, 8.0), 2, 10
         args.worker = ["--dim", "64", "--depth", "1", "--heads", "2", "--batch-size", "8", "--modality-steps", "4", *args.worker]

@@ -149,6 +149,8 @@ def test_compare_quality_quick_runs_the_012_api_script_with_our_package(tmp_path
     assert Path(report["plot"]).stat().st_size > 1000
     with pytest.raises(ValueError, match="sides"):
         compare_quality.main(compare_quality.build_parser().parse_args(["--quick", "--sides", "0.11"]))
+    with pytest.raises(ValueError, match="--captions"):
+        compare_quality.main(compare_quality.build_parser().parse_args(["--captions", "0"]))
 
 
 @pytest.mark.slow

@@ -252,3 +252,10 @@ def test_default_run_reaches_targets(tmp_path):
     script = load_script()
     report = script.main(script.build_parser().parse_args(["--out", str(tmp_path)]))
     assert report["generation_accuracy"] >= 0.8 and report["captioning_accuracy"] >= 0.8
+
+
+def test_negative_caption_shift_is_refused_before_training(tmp_path):
+    script = load_script()
+    with pytest.raises(ValueError, match="--caption-shift"):
+        script.main(script.build_parser().parse_args(["--caption-shift", "-1", "--out", str(tmp_path)]))
+    assert not any(tmp_path.iterdir())  # nothing ran

@@ -321,3 +321,14 @@ def test_data_helpers_name_bad_arguments():
         pack_samples([3, -1], 4)
     with pytest.raises(TypeError, match="`data`"):
         collate_fn(None)
+
+
+@pytest.mark.parametrize("name", ["flow_loss_weight", "text_loss_weight", "velocity_consistency_loss_weight", "reconstruction_loss_weight"])
+def test_loss_weights_must_be_finite_and_not_negative(name):
+    with pytest.raises(ValueError, match=name):
+        make_model(**{name: -1.0})
+    with pytest.raises(ValueError, match=name):
+        make_model(**{name: float("nan")})
+    with pytest.raises(TypeError, match=name):
+        make_model(**{name: "1"})
+    assert getattr(make_model(**{name: 0}), name) == 0.0  # zero switches the term off

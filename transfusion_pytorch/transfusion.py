@@ -124,10 +124,10 @@ class Transfusion(Module):
         self.null_embed = nn.Parameter(torch.randn(dim) * 0.02)
 
         self.ignore_index = ignore_index
-        self.flow_loss_weight = flow_loss_weight
-        self.text_loss_weight = text_loss_weight
-        self.velocity_consistency_loss_weight = velocity_consistency_loss_weight
-        self.reconstruction_loss_weight = reconstruction_loss_weight
+        self.flow_loss_weight = check_float("flow_loss_weight", flow_loss_weight, 0.0)
+        self.text_loss_weight = check_float("text_loss_weight", text_loss_weight, 0.0)
+        self.velocity_consistency_loss_weight = check_float("velocity_consistency_loss_weight", velocity_consistency_loss_weight, 0.0)
+        self.reconstruction_loss_weight = check_float("reconstruction_loss_weight", reconstruction_loss_weight, 0.0)
 
         # the heads output the velocity (as 0.12) or the clean data, which `flow.data_to_velocity`
         # turns into one (arXiv 2511.13720): the loss and the samplers see velocities either way
