@@ -72,6 +72,7 @@ from transfusion_pytorch.examples.mnist import (
     to_unit_pixels,
 )
 from transfusion_pytorch.examples.recipes import flow_times, warmup_cosine  # noqa: F401  (train_ddp.py, benchmarks import them from here)
+from transfusion_pytorch.stems import conv_stem_and_head
 from transfusion_pytorch.training import (
     RunLogger,
     breakdown_metrics,
@@ -94,6 +95,8 @@ def build_model(args) -> Transfusion:
         modality_encoder=Patchify(4),
         modality_decoder=Unpatchify(4),
         add_pos_emb=True,
+        # --stem conv: convolutions at pixel level before / after the transformer, on the same 7×7 grid
+        pre_post_transformer_enc_dec=conv_stem_and_head(args.dim, 4, width=args.stem_width) if args.stem == "conv" else None,
         unconditional_prob=args.unconditional_prob,
         text_loss_weight=args.text_loss_weight,
         flow_prediction=args.flow_prediction,
@@ -185,7 +188,7 @@ def run_evaluation(model: Transfusion, ema, split, args, out: Path, step: int, p
     print(f"digit classifier: {classifier_accuracy:.1%} on the {len(split.eval_labels)} held-out digits ({time.time() - start:.0f}s)")
 
     results, grids = {}, {}
-    weights = {"model": model} | ({"ema": ema} if ema is not None else {})
+    weights = {name: sampler for name, sampler in (("model", model), ("ema", ema)) if sampler is not None and args.eval_weights in (name, "both")}
     for name, sampler in weights.items():
         t = time.time()
         with torch.random.fork_rng(), precision.autocast():  # leaves the training RNG (CPU and CUDA) where it was
@@ -352,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--caption-min-time", type=float, default=0.5, help="least flow time (most noise) of an image before a caption")
     parser.add_argument("--text-loss-weight", type=float, default=1.0, help="λ_text of the loss (the text term is already scaled by its share of the tokens)")
     parser.add_argument("--flow-prediction", choices=("velocity", "data"), default="velocity", help="the model predicts an image's velocity, or its clean data")
+    parser.add_argument(
+        "--stem", choices=("linear", "conv"), default="linear", help="patch embedding: a Linear layer, or a conv stem / head (transfusion_pytorch.stems)"
+    )
+    parser.add_argument("--stem-width", type=int, default=32, help="channels of the conv stem and head")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
@@ -369,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-eval", type=int, default=500, help="held-out digits (the same number per class)")
     parser.add_argument("--eval-per-digit", type=int, default=20, help="images generated per digit for the generation accuracy")
     parser.add_argument("--eval-captions", type=int, default=500, help="held-out images to caption")
+    parser.add_argument("--eval-weights", choices=("ema", "model", "both"), default="both", help="the weights to evaluate (both: report the better)")
     # guidance: seed 0, 20 images per digit, EMA weights: 90.5 % recognisable without it
     # (--unconditional-prob 0 --cfg-scale 1), 98.5 % at scale 2, 100 % at 3 and 5
     parser.add_argument("--unconditional-prob", type=float, default=0.1, help="conditioning dropout per image, for classifier-free guidance (0: none)")

@@ -80,6 +80,7 @@ from transfusion_pytorch.examples.video import (
     save_gif,
     train_frame_classifier,
 )
+from transfusion_pytorch.stems import conv_stem_and_head
 from transfusion_pytorch.training import (
     RunLogger,
     breakdown_metrics,
@@ -100,6 +101,10 @@ def build_model(args) -> Transfusion:
         modality_encoder=VideoPatchify(args.patch_size, args.frame_patch_size),
         modality_decoder=VideoUnpatchify(args.patch_size, args.frame_patch_size),
         add_pos_emb=True,
+        # --stem conv: per-frame convolutions at pixel level before / after the transformer, on the same tube grid
+        pre_post_transformer_enc_dec=(
+            conv_stem_and_head(args.dim, args.patch_size, width=args.stem_width, frame_patch_size=args.frame_patch_size) if args.stem == "conv" else None
+        ),
         unconditional_prob=args.unconditional_prob,
         flow_prediction=args.flow_prediction,
         transformer=dict(dim=args.dim, depth=args.depth, dim_head=args.dim // args.heads, heads=args.heads),
@@ -403,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frame-patch-size", type=int, default=8, help="frames of a tube (8: a 4×4 patch's whole trajectory in one token)")
     parser.add_argument("--speeds", type=int, nargs="+", default=[2], help="pixels per frame; two speeds add 'slowly' / 'quickly' to the captions")
     parser.add_argument("--flow-prediction", choices=("velocity", "data"), default="data", help="the model predicts a clip's clean data, or its velocity")
+    parser.add_argument(
+        "--stem", choices=("linear", "conv"), default="linear", help="tube embedding: a Linear layer, or a conv stem / head (transfusion_pytorch.stems)"
+    )
+    parser.add_argument("--stem-width", type=int, default=16, help="channels of the conv stem and head")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
