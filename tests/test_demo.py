@@ -370,3 +370,22 @@ def test_an_audio_checkpoint_gets_speech_tabs(tmp_path):
             client.predict(gradio_client.handle_file(str(tmp_path / "notes.wav")), api_name="/speech_to_text")
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("script_name", ["train_mnist", "train_video"])
+def test_a_conv_stem_checkpoint_loads_and_serves_like_a_linear_one(tmp_path, script_name):
+    """`--stem conv` records `stems.ConvStem` / `ConvHead` in the config; the demo rebuilds them."""
+    import importlib
+
+    script = importlib.import_module(script_name)
+    video = script_name == "train_video"
+    args = script.build_parser().parse_args([*TINY, "--stem", "conv", "--stem-width", "4", *(["--frames", "4", "--frame-patch-size", "2"] if video else [])])
+    torch.manual_seed(0)
+    model = randomized(script.build_model(args))
+    path = save_checkpoint(tmp_path / "stem.pt", model, ema=model.create_ema(), extra={"args": json.dumps(vars(args))})
+    served = demo.load_demo(path, device="cpu")
+    assert type(served.model.modality_heads[0].latent_to_model).__name__ == "ConvStem"
+    if video:
+        assert served.text_to_video("three moving left", cfg_scale=2.0, steps=2, seed=5).video.shape == (1, 1, 4, 32, 32)
+    else:
+        assert served.text_to_image("seven", cfg_scale=2.0, steps=2, seed=5).images.shape[-2:] == (28, 28)
