@@ -38,9 +38,28 @@ def test_the_stem_and_head_keep_the_patch_grid():
     assert head(tokens).shape == latents.shape
 
 
+def test_untrained_they_are_the_linear_patch_projections():
+    """The conv branches start at zero: at init the stem is a Linear layer on each patch's values,
+    the head a Linear layer back, as `latent_to_model` / `model_to_latent` of linear patches."""
+    torch.manual_seed(0)
+    stem, head = conv_stem_and_head(24, 4, channels=2, width=8)
+    latents = randn(3, 32, 2, 5)
+    as_linear = stem.linear.weight.reshape(24, 32)  # (dim, c·p·p), in Patchify's (c p1 p2) order
+    expected = torch.einsum("b k h w, d k -> b d h w", latents, as_linear) + stem.linear.bias[:, None, None]
+    torch.testing.assert_close(stem(latents), expected, atol=1e-5, rtol=1e-5)
+    tokens = randn(3, 24, 2, 5)
+    back = head.linear.weight.reshape(24, 32)  # (dim, c·p·p)
+    expected = torch.einsum("b d h w, d k -> b k h w", tokens, back) + head.linear.bias.repeat_interleave(16)[:, None, None]
+    torch.testing.assert_close(head(tokens), expected, atol=1e-5, rtol=1e-5)
+    randomized(stem)
+    assert not torch.allclose(
+        stem(latents), torch.einsum("b k h w, d k -> b d h w", latents, stem.linear.weight.reshape(24, 32)) + stem.linear.bias[:, None, None], atol=1e-3
+    )
+
+
 def test_the_stem_convolves_pixels_so_a_shift_by_one_patch_shifts_its_tokens():
     torch.manual_seed(0)
-    stem = ConvStem(16, 4, width=8)
+    stem = randomized(ConvStem(16, 4, width=8))  # the conv branch alive
     image = torch.zeros(1, 1, 28, 28)
     image[..., 8:16, 8:12] = randn(8, 4)
     shifted = torch.roll(image, shifts=4, dims=-1)  # one patch to the right, away from the borders
@@ -52,7 +71,7 @@ def test_the_stem_convolves_pixels_so_a_shift_by_one_patch_shifts_its_tokens():
     delta = stem(Patchify(4)(poke)) - stem(Patchify(4)(torch.zeros(1, 1, 28, 28)))
     assert delta[..., 3, 3].abs().max() > 0 and delta[..., 3, 4].abs().max() == 0
 
-    video_stem = ConvStem(16, 4, width=8, frame_patch_size=2)
+    video_stem = randomized(ConvStem(16, 4, width=8, frame_patch_size=2))
     clip = torch.zeros(1, 1, 4, 16, 16)
     clip[:, :, 2, 5, 5] = 1.0  # frame 2 belongs to the second tube; per-frame convs never mix it into the first
     delta = video_stem(VideoPatchify(4, 2)(clip)) - video_stem(VideoPatchify(4, 2)(torch.zeros_like(clip)))
@@ -66,8 +85,9 @@ def test_a_model_with_the_conv_stem_trains_samples_and_keeps_49_tokens_per_7x7_i
     text = randint(0, 16, (4,))
     loss = model([[text, images[0]], [images[1], text]])
     loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.modality_heads[0].latent_to_model.parameters())
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.modality_heads[0].model_to_latent.parameters())
+    for block in (model.modality_heads[0].latent_to_model, model.modality_heads[0].model_to_latent):
+        assert block.linear.weight.grad.abs().sum() > 0
+        assert block.convs[-1].weight.grad.abs().sum() > 0  # the zero-initialised layer learns from the first step
 
     model = randomized(model).eval()
     noise = randn(9, 16)

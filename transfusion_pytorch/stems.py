@@ -7,15 +7,20 @@ two modules are that idea at the scale of this package's examples, with one twis
 the token grid of `Patchify` / `VideoPatchify`. Their input is the patch latent itself — a
 `(c·p·p, h, w)` image latent or a `(c·pf·p·p, f, h, w)` video latent — so the model still
 writes the shape `"h,w"`, a sample still holds `h·w` tokens, and every sampler, cache and
-checkpoint treats the model like one with linear patches. Inside, the latent is turned back
-into pixels, convolved at full resolution, and cut into the same grid by a strided
-convolution (the head mirrors it with a transposed convolution):
+checkpoint treats the model like one with linear patches.
 
-    stem:  latent → pixels → conv 3×3 → GELU → conv 3×3 → GELU → conv p×p, stride p → tokens
-    head:  tokens → transposed conv p×p, stride p → GELU → conv 3×3 → GELU → conv 3×3 → pixels → latent
+Each is the linear patch projection plus a convolutional branch at pixel level whose last layer
+starts at zero (as DiT zero-initialises its residual gates), so an untrained model with the
+stem is exactly the model with linear patches, and the convolutions only add what training
+finds useful:
+
+    stem:  latent → pixels ─┬─ conv p×p, stride p (the linear patch embedding) ──────────────────┬─ + → tokens
+                            └─ conv 3×3 → GELU → conv 3×3 → GELU → conv p×p, stride p (zero at init) ┘
+    head:  tokens ─┬─ transposed conv p×p, stride p (the linear projection back) ─────────────────┬─ + → pixels → latent
+                   └─ transposed conv p×p, stride p → GELU → conv 3×3 → GELU → conv 3×3 (zero at init) ┘
 
 For video (`frame_patch_size` set) the 3×3 convolutions run on every frame alone (kernel
-1×3×3) and the strided one spans a whole tube (pf×p×p). The flow time is not an input: the
+1×3×3) and the strided ones span a whole tube (pf×p×p). The flow time is not an input: the
 transformer's adaptive norms carry it, as with linear patches.
 """
 
@@ -40,17 +45,22 @@ class _ConvSettings(Module):
         if self.frame_patch_size is None:
             self.to_pixels: Module = Unpatchify(patch_size)
             self.to_latent: Module = Patchify(patch_size)
-            conv, transposed = nn.Conv2d, nn.ConvTranspose2d
-            kernel, padding, patch = 3, 1, (patch_size, patch_size)
+            self.conv, self.transposed = nn.Conv2d, nn.ConvTranspose2d
+            self.kernel, self.padding, self.patch = 3, 1, (patch_size, patch_size)
         else:
             self.to_pixels = VideoUnpatchify(patch_size, frame_patch_size)
             self.to_latent = VideoPatchify(patch_size, frame_patch_size)
-            conv, transposed = nn.Conv3d, nn.ConvTranspose3d
-            kernel, padding, patch = (1, 3, 3), (0, 1, 1), (frame_patch_size, patch_size, patch_size)
-        self._layers = conv, transposed, kernel, padding, patch
+            self.conv, self.transposed = nn.Conv3d, nn.ConvTranspose3d
+            self.kernel, self.padding, self.patch = (1, 3, 3), (0, 1, 1), (frame_patch_size, patch_size, patch_size)
 
     def get_config(self) -> dict:
         return {"dim": self.dim, "patch_size": self.patch_size, "channels": self.channels, "width": self.width, "frame_patch_size": self.frame_patch_size}
+
+
+def _zero(layer: Module) -> Module:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 class ConvStem(_ConvSettings):
@@ -59,17 +69,19 @@ class ConvStem(_ConvSettings):
 
     def __init__(self, dim: int, patch_size: int, channels: int = 1, width: int = 32, frame_patch_size: int | None = None):
         super().__init__(dim, patch_size, channels, width, frame_patch_size)
-        conv, _, kernel, padding, patch = self._layers
-        self.net = nn.Sequential(
-            conv(self.channels, self.width, kernel, padding=padding),
+        conv = self.conv
+        self.linear = conv(self.channels, self.dim, self.patch, stride=self.patch)
+        self.convs = nn.Sequential(
+            conv(self.channels, self.width, self.kernel, padding=self.padding),
             nn.GELU(),
-            conv(self.width, self.width, kernel, padding=padding),
+            conv(self.width, self.width, self.kernel, padding=self.padding),
             nn.GELU(),
-            conv(self.width, self.dim, patch, stride=patch),
+            _zero(conv(self.width, self.dim, self.patch, stride=self.patch)),
         )
 
     def forward(self, latents: Tensor) -> Tensor:
-        return self.net(self.to_pixels(latents))
+        pixels = self.to_pixels(latents)
+        return self.linear(pixels) + self.convs(pixels)
 
 
 class ConvHead(_ConvSettings):
@@ -78,17 +90,18 @@ class ConvHead(_ConvSettings):
 
     def __init__(self, dim: int, patch_size: int, channels: int = 1, width: int = 32, frame_patch_size: int | None = None):
         super().__init__(dim, patch_size, channels, width, frame_patch_size)
-        conv, transposed, kernel, padding, patch = self._layers
-        self.net = nn.Sequential(
-            transposed(self.dim, self.width, patch, stride=patch),
+        conv = self.conv
+        self.linear = self.transposed(self.dim, self.channels, self.patch, stride=self.patch)
+        self.convs = nn.Sequential(
+            self.transposed(self.dim, self.width, self.patch, stride=self.patch),
             nn.GELU(),
-            conv(self.width, self.width, kernel, padding=padding),
+            conv(self.width, self.width, self.kernel, padding=self.padding),
             nn.GELU(),
-            conv(self.width, self.channels, kernel, padding=padding),
+            _zero(conv(self.width, self.channels, self.kernel, padding=self.padding)),
         )
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.to_latent(self.net(tokens))
+        return self.to_latent(self.linear(tokens) + self.convs(tokens))
 
 
 def conv_stem_and_head(dim: int, patch_size: int, channels: int = 1, width: int = 32, frame_patch_size: int | None = None) -> tuple[ConvStem, ConvHead]:
