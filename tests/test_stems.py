@@ -49,8 +49,10 @@ def test_untrained_they_are_the_linear_patch_projections():
     torch.testing.assert_close(stem(latents), expected, atol=1e-5, rtol=1e-5)
     tokens = randn(3, 24, 2, 5)
     back = head.linear.weight.reshape(24, 32)  # (dim, c·p·p)
-    expected = torch.einsum("b d h w, d k -> b k h w", tokens, back) + head.linear.bias.repeat_interleave(16)[:, None, None]
+    expected = torch.einsum("b d h w, d k -> b k h w", tokens, back)
     torch.testing.assert_close(head(tokens), expected, atol=1e-5, rtol=1e-5)
+    linear = torch.nn.Linear(24, 32, bias=False)  # and drawn like that Linear layer: U(±1/√dim)
+    assert back.abs().max() <= 24**-0.5 and back.std() > 0.8 * linear.weight.std()
     randomized(stem)
     assert not torch.allclose(
         stem(latents), torch.einsum("b k h w, d k -> b d h w", latents, stem.linear.weight.reshape(24, 32)) + stem.linear.bias[:, None, None], atol=1e-3

@@ -91,7 +91,10 @@ class ConvHead(_ConvSettings):
     def __init__(self, dim: int, patch_size: int, channels: int = 1, width: int = 32, frame_patch_size: int | None = None):
         super().__init__(dim, patch_size, channels, width, frame_patch_size)
         conv = self.conv
-        self.linear = self.transposed(self.dim, self.channels, self.patch, stride=self.patch)
+        # the projection back, initialised as `nn.Linear(dim, c·p·p, bias=False)` (`model_to_latent` of linear patches):
+        # a transposed convolution's default init would count its fan-in as c·p·p, not dim
+        self.linear = self.transposed(self.dim, self.channels, self.patch, stride=self.patch, bias=False)
+        nn.init.uniform_(self.linear.weight, -(self.dim**-0.5), self.dim**-0.5)
         self.convs = nn.Sequential(
             self.transposed(self.dim, self.width, self.patch, stride=self.patch),
             nn.GELU(),
