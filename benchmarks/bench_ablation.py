@@ -9,7 +9,7 @@ trained for the same steps, batches, optimiser and seed, and judged on the EMA w
 
   linear-p4            Patchify(4) + Linear: 49 tokens (the baseline, bidirectional in the image)
   linear-p4-causal     the same, image tokens attend causally (a benchmark-side subclass)
-  unet-p4              U-Net-style conv down / up blocks (`pre_post_transformer_enc_dec`), stride 4: 49 tokens
+  unet-p4              conv blocks around the patch grid (`stems.conv_stem_and_head` via `pre_post_transformer_enc_dec`): 49 tokens
   linear-p2, unet-p2   the same at patch size 2: 196 tokens
 
 Each variant draws `--images` digits (balanced prompts, shared noise) with the midpoint

@@ -54,6 +54,7 @@ from transfusion_pytorch.codecs import Patchify, Unpatchify  # noqa: E402
 from transfusion_pytorch.examples.judges import DigitClassifier, classify, train_classifier  # noqa: E402
 from transfusion_pytorch.examples.mnist import NUM_TEXT_TOKENS, caption_image_pairs, caption_of, to_unit_pixels  # noqa: E402
 from transfusion_pytorch.inputs import prepare  # noqa: E402
+from transfusion_pytorch.stems import conv_stem_and_head  # noqa: E402
 from transfusion_pytorch.training import make_optimizer  # noqa: E402
 
 OBJECTIVES = ("flow", "ddpm")
@@ -74,48 +75,25 @@ class CausalImageTransfusion(Transfusion):
         raise NotImplementedError("the causal-in-image ablation supports plain (uncached, unpacked, unguided) batches only")
 
 
-def unet_blocks(patch_size: int, dim: int, width: int = 64) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Small convolutional down / up blocks for `pre_post_transformer_enc_dec`: a 1×28×28 image ↔
-    `dim`-wide tokens on a (28 / patch_size)² grid, as the paper's U-Net blocks replace the
-    linear patch embedding (no time input: the transformer's FiLM carries the time)."""
-    from torch import nn
-
-    levels = int(math.log2(patch_size))
-    if 2**levels != patch_size:
-        raise ValueError(f"`patch_size` must be a power of two, got {patch_size}")
-    down: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1), nn.GELU()]
-    for _ in range(levels):
-        down += [nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 2, stride=2), nn.GELU()]
-    down += [nn.Conv2d(width, dim, 1)]
-    up: list[nn.Module] = [nn.Conv2d(dim, width, 1), nn.GELU()]
-    for _ in range(levels):
-        up += [nn.ConvTranspose2d(width, width, 2, stride=2), nn.GELU(), nn.Conv2d(width, width, 3, padding=1), nn.GELU()]
-    up += [nn.Conv2d(width, 1, 3, padding=1)]
-    return nn.Sequential(*down), nn.Sequential(*up)
-
-
 def build_model(dim: int = 128, depth: int = 4, heads: int = 4, patch_size: int = 4, unet: bool = False, causal_image: bool = False) -> Transfusion:
     """The MNIST model of `train_mnist.py` at benchmark size. Linear patches: `Patchify(p)` turns
     the image into a (p², 28/p, 28/p) latent and a Linear layer embeds each patch. U-Net: the
-    latent is the image itself (1, 28, 28) and `unet_blocks(p)` embed it into the same token grid."""
+    package's conv blocks on the same grid (`stems.conv_stem_and_head`, the paper's U-Net down /
+    up blocks in place of the linear patch embedding)."""
     if 28 % patch_size:
         raise ValueError(f"`patch_size` must divide 28, got {patch_size}")
     side = 28 // patch_size
     cls = CausalImageTransfusion if causal_image else Transfusion
-    common = dict(
-        num_text_tokens=NUM_TEXT_TOKENS,
-        channel_first_latent=True,
-        add_pos_emb=True,
-        transformer=dict(dim=dim, depth=depth, dim_head=dim // heads, heads=heads),
-    )
-    if unet:
-        return cls(dim_latent=1, modality_default_shape=(28, 28), pre_post_transformer_enc_dec=unet_blocks(patch_size, dim), **common)
     return cls(
+        num_text_tokens=NUM_TEXT_TOKENS,
         dim_latent=patch_size**2,
+        channel_first_latent=True,
         modality_default_shape=(side, side),
         modality_encoder=Patchify(patch_size),
         modality_decoder=Unpatchify(patch_size),
-        **common,
+        pre_post_transformer_enc_dec=conv_stem_and_head(dim, patch_size) if unet else None,
+        add_pos_emb=True,
+        transformer=dict(dim=dim, depth=depth, dim_head=dim // heads, heads=heads),
     )
 
 
