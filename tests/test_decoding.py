@@ -243,3 +243,25 @@ def test_a_forward_hook_sends_decoding_through_the_modules():
     assert (model.generate_text_only(prompt, 8, temperature=1.0) == 7).all()
     handle.remove()
     assert TokenDecoder(model).lean and not (model.generate_text_only(prompt, 8, temperature=0.0) == 7).all()
+
+
+@torch.no_grad()
+def test_under_autocast_the_lean_step_reads_matrices_cast_once_with_the_same_logits():
+    # autocast casts a matmul's operands; the snapshot casts the matrices once instead. The
+    # norms' rows and the biases are no matmul operands: cast, they would change the logits
+    model = randomized(text_model(), std=0.5)
+    snapshot = decoding.TextWeights.of(model)
+    cast = snapshot.tensors(torch.bfloat16)
+    assert snapshot.tensors(torch.bfloat16) is cast and cast[-1].dtype == torch.bfloat16
+    assert cast[2][0][2].dtype == torch.bfloat16 and cast[2][0][0].dtype == cast[2][0][7].dtype == torch.float32
+    cache = model.transformer.new_cache(2, capacity=8)
+    sequence = randint(0, 16, (2, 5))
+    model.predict([[row] for row in sequence[:, :4]], [], [], torch.zeros(0), cache=cache)
+    cache.commit(4)
+    shape = (snapshot.heads, snapshot.dim_head, float(model.transformer.norm.scale))
+    args = (list(cache.keys.unbind(0)), list(cache.values.unbind(0)), sequence[:, 4], torch.full((2,), 4), torch.tensor([4]), None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = decoding.text_decode_step(snapshot.tensors(), shape, *args)
+        assert torch.equal(decoding.text_decode_step(cast, shape, *args), reference)
+        with_bias_cast = tuple(tuple(x.bfloat16() if i == 7 else x for i, x in enumerate(layer)) for layer in cast[2])
+        assert not torch.equal(decoding.text_decode_step((*cast[:2], with_bias_cast, *cast[3:]), shape, *args), reference)

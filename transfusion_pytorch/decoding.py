@@ -130,6 +130,7 @@ class TextWeights:
         self.freqs = transformer.rotary.embed.freqs.detach()
         self.norm_scale, self.norm_gamma = transformer.norm.scale, transformer.norm.gamma.detach()
         self.head = matrix(model.to_text_logits)
+        self.cast: dict[torch.dtype, tuple] = {}
 
     @staticmethod
     def current(sources: list[Tensor]) -> tuple:
@@ -155,9 +156,17 @@ class TextWeights:
             object.__setattr__(model, "_decode_weights", weights)  # not a submodule or a state-dict entry
         return weights
 
-    def tensors(self) -> tuple:
-        """Everything the step reads, for `text_decode_step` (a tuple of tensors and tuples)."""
-        return (self.embed, self.freqs, tuple(self.layers), self.norm_gamma, self.head)
+    def tensors(self, matmul_dtype: torch.dtype | None = None) -> tuple:
+        """Everything the step reads, for `text_decode_step` (a tuple of tensors and tuples).
+        `matmul_dtype` (autocast's): the matrices cast to it, once per snapshot, where autocast
+        would cast every one of them at every token (the norms' rows and biases stay as they are)."""
+        if matmul_dtype is None or matmul_dtype == self.head.dtype:
+            return (self.embed, self.freqs, tuple(self.layers), self.norm_gamma, self.head)
+        if matmul_dtype not in self.cast:
+            matrices = (2, 3, 6, 8, 10)  # qkv, out, proj_in, proj_out, skip: the right operands of `@` in the step
+            layers = tuple(tuple(x.to(matmul_dtype) if i in matrices and x is not None else x for i, x in enumerate(layer)) for layer in self.layers)
+            self.cast[matmul_dtype] = (self.embed, self.freqs, layers, self.norm_gamma, self.head.to(matmul_dtype))
+        return self.cast[matmul_dtype]
 
 
 def text_decode_step(
@@ -267,7 +276,9 @@ class TokenDecoder:
         self.lean = TextWeights.supported(model)
         if self.lean:
             weights = TextWeights.of(model)
-            self.weights, self.shape = weights.tensors(), (weights.heads, weights.dim_head, float(model.transformer.norm.scale))
+            device_type = model.device.type
+            matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+            self.weights, self.shape = weights.tensors(matmul_dtype), (weights.heads, weights.dim_head, float(model.transformer.norm.scale))
             self.step = compiled(model, "_compiled_text_step", text_decode_step, lean=True) if compile else text_decode_step
         else:
             self.step = compiled(model, "_compiled_decode_step", _decode_one_token, typechecked=True) if compile else decode_one_token

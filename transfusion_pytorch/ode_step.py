@@ -10,9 +10,12 @@ transformer (`decoding.TextWeights.supported`) and Linear modality heads (no U-N
 
 What makes it one graph for a whole solve (and for every solve of the same batch, shape
 and cache capacity):
-  - the new tokens' keys / values are written into the cache's preallocated buffer at slots
-    given as a tensor (not committed, as the eager path does), and attention runs over the
-    whole buffer with a `(b, capacity)` mask of the slots each row sees, built once per solve;
+  - attention runs over a window of the cache of `capacity - new` slots (the prefix, then empty
+    slots) followed by the new tokens' keys / values, with a `(b, capacity)` mask of the slots
+    each row sees, built once per solve: the shapes depend on the capacity, never on the
+    prefix's length, and the cache is not written until the commit pass at t = 1 (writing a
+    graph input at every step made inductor copy each layer's whole buffer twice);
+  - under autocast the window is cast once per solve (attention would cast it at every step);
   - the time conditioning is computed once for the step (one flow time for every row) and
     broadcast, where the eager path builds a table per instance and gathers it per token;
   - all tokens of an instance share one rotary position, so the rotation is `(b, 1, 1, dh)`,
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,8 +56,9 @@ def supported(model: Transfusion, types: list[int], shapes: list[tuple[int, ...]
 
 def step_weights(model: Transfusion, modality_type: int) -> tuple:
     """What the step reads, as plain tensors (nested tuples, None for an absent layer): the time
-    embedding, the modality's projections in and out, the null token, per block the U-Net skip, both adaptive norms' time projections, attention's and the
-    feed-forward's matrices, then the final RMSNorm's gain. Under autocast the matrices and biases
+    embedding, the modality's projections in and out, the null token, every adaptive norm's time
+    projections (one matrix), per block the U-Net skip, attention's and the feed-forward's
+    matrices, then the final RMSNorm's gain. Under autocast the matrices and biases
     are cast to its dtype here, once per solve: autocast would cast them inside the compiled step
     at every ODE step (the time projections alone are 6.3 M parameters for the MNIST-sized model)."""
     device_type = model.device.type
@@ -67,18 +72,18 @@ def step_weights(model: Transfusion, modality_type: int) -> tuple:
             weight, bias = weight.to(autocast), None if bias is None else bias.to(autocast)
         return weight, bias
 
-    def modulation(norm) -> tuple:
-        return linear(norm.to_scale_shift), linear(norm.to_gate)
-
     transformer, heads = model.transformer, model.modality_heads[modality_type]
+    # every adaptive norm's time projections as one matrix: one read of the weights per step
+    # (a matrix-vector product is bound by memory), split per block into attention's scale, shift
+    # and gate, then the feed-forward's
+    projections = [linear(layer) for block in transformer.blocks for norm in (block.attn_norm, block.ff_norm) for layer in (norm.to_scale_shift, norm.to_gate)]
+    modulations = torch.cat([weight for weight, _ in projections]), torch.cat([bias for _, bias in projections])
     layers = tuple(
         (
             linear(block.skip_proj),
-            modulation(block.attn_norm),
             linear(block.attn.to_qkv),
             linear(block.attn.to_gates),
             linear(block.attn.to_out),
-            modulation(block.ff_norm),
             linear(block.ff.proj_in),
             linear(block.ff.proj_out),
         )
@@ -88,6 +93,7 @@ def step_weights(model: Transfusion, modality_type: int) -> tuple:
         (transformer.time_embed.freqs, linear(transformer.time_embed.mlp[0])),
         (linear(heads.latent_to_model), linear(heads.model_to_latent)),
         model.null_embed.detach(),
+        modulations,
         layers,
         transformer.norm.gamma.detach(),
     )
@@ -101,20 +107,23 @@ def ode_velocity_step(
     x: Tensor,
     t: Tensor,
     rotation: tuple[Tensor, Tensor],
-    slots: Tensor,
     visible: Tensor,
     pos_emb: Tensor | None,
     cfg_scale: float | None,
+    written: tuple[list[Tensor], list[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Velocities `(b, L, dl)` (fp32) of `b` instances `x (b, L, dl)` at flow time `t`, instance `i`
     in cache row `i` rotated by `rotation[0][i]`, `rotation[1][i]` (cos, sin `(rows, 1, 1, dh)`, one rotary
-    position per row, twins included: `rotary_rotation`). Their keys / values go to `slots` of
-    `keys` / `values` (per layer `(rows, h, capacity, dh)`); row `r` attends to the slots
-    `visible[r]` marks. With `cfg_scale`, rows `b … 2b − 1` are the unconditional twins, every row
-    leads with the null token (slot `slots[0]`, hidden from the conditional rows), and the
-    guided velocity comes back. `weights`: `step_weights`; `config`: `(heads, dim_head, RMSNorm
-    scale, data prediction, the model's dtype)`. The same arithmetic as `Transfusion.predict`."""
-    (time_freqs, time_mlp), (to_model, to_latent), null, layers, norm_gamma = weights
+    position per row, twins included: `rotary_rotation`). `keys` / `values`: per layer a window of
+    the cached prefix, `(rows, h, p, dh)`, its keys rotated back by the row's position
+    (`relative_window`); the new tokens' keys / values follow it, and row `r`
+    attends to the `p + n` slots `visible[r]` marks. With `cfg_scale`, rows `b … 2b − 1` are the
+    unconditional twins, every row leads with the null token (slot `p`, hidden from the
+    conditional rows), and the guided velocity comes back. `written = (keys, values, slots)`:
+    the commit pass, which writes the new tokens' keys / values into those cache buffers at
+    `slots` and returns an empty tensor once the last layer's are written. `weights`: `step_weights`; `config`: `(heads, dim_head, RMSNorm scale, data
+    prediction, the model's dtype)`. The same arithmetic as `Transfusion.predict`."""
+    (time_freqs, time_mlp), (to_model, to_latent), null, modulations, layers, norm_gamma = weights
     num_heads, dim_head, norm_scale, data_prediction, dtype = config
     tokens = x.to(dtype) if to_model is None else F.linear(x.to(dtype), *to_model)  # as `Transfusion.instance_tokens`
     if pos_emb is not None:
@@ -129,34 +138,49 @@ def ode_velocity_step(
     cond = F.silu(F.linear(torch.cat((times[:, None], angles.sin(), angles.cos()), dim=-1), *time_mlp))[:, None]  # (1, 1, dc)
 
     rotation = Rotation(*rotation)
-    mask = visible[:, None, None, :]  # (rows, 1, 1, capacity): every query of a row sees the same slots
+    # (rows, 1, 1, p + n), added to the scores: every query of a row sees the same slots
+    mask = torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, float("-inf"))[:, None, None, :]
 
-    def modulated(h: Tensor, modulation: tuple) -> tuple[Tensor, Tensor]:  # `AdaptiveNorm`: the instance's row of its tables
-        scale, shift = F.linear(cond, *modulation[0]).chunk(2, dim=-1)
-        return F.layer_norm(h, h.shape[-1:]) * (1.0 + scale) + shift, F.linear(cond, *modulation[1]).sigmoid()
+    tables = F.linear(cond, *modulations).split(h.shape[-1], dim=-1)  # 6 per block, `(1, 1, d)` each
+
+    def modulated(h: Tensor, first: int) -> tuple[Tensor, Tensor]:  # `AdaptiveNorm`: the instance's row of its tables
+        scale, shift, gate = tables[first : first + 3]
+        return F.layer_norm(h, h.shape[-1:]) * (1.0 + scale) + shift, gate.sigmoid()
 
     skips = []
     num_skips = sum(layer[0] is not None for layer in layers)
-    for index, (skip, attn_mod, qkv, gates, out_proj, ff_mod, ff_in, ff_out) in enumerate(layers):
+    for index, (skip, qkv, gates, out_proj, ff_in, ff_out) in enumerate(layers):
         if index < num_skips:
             skips.append(h)
         if skip is not None:
             h = h + F.linear(torch.cat((h, skips.pop()), dim=-1), *skip)
 
-        y, gate = modulated(h, attn_mod)  # attention (`Attention.forward`)
+        y, gate = modulated(h, 6 * index)  # attention (`Attention.forward`)
         q, k, v = F.linear(y, *qkv).unflatten(-1, (3, num_heads, dim_head)).permute(2, 0, 3, 1, 4).unbind(0)  # (rows, h, n, dh)
-        q, k = rotate(rotation, q), rotate(rotation, k)
-        cached_keys, cached_values = keys[index], values[index]
-        cached_keys.index_copy_(-2, slots, k.to(cached_keys.dtype))
-        cached_values.index_copy_(-2, slots, v.to(cached_values.dtype))
-        out = F.scaled_dot_product_attention(q, cached_keys, cached_values, attn_mask=mask)
+        # no rotation: every new token sits at its row's one position p, so rotary angles cancel
+        # between them, and the window's keys come rotated back by p (Su et al.: only p' − p counts)
+        if written is not None:
+            written[0][index].index_copy_(-2, written[2], rotate(rotation, k).to(written[0][index].dtype))
+            written[1][index].index_copy_(-2, written[2], v.to(written[1][index].dtype))
+            if index == len(layers) - 1:  # the commit pass needs nothing after the last keys / values
+                return x.new_empty(0)
+        # the prefix window, then the new tokens: no write into a graph input at every step
+        # (inductor would copy each layer's whole buffer twice to apply it)
+        all_keys = torch.cat((keys[index], k.to(keys[index].dtype)), dim=-2)
+        all_values = torch.cat((values[index], v.to(values[index].dtype)), dim=-2)
+        # attention as two matmuls around an fp32 softmax: at these sizes (49 queries, 64 slots) twice
+        # as fast under bf16 as SDPA's CPU kernel, which computes the same thing
+        scores = (q @ all_keys.transpose(-1, -2)).float() * dim_head**-0.5 + mask
+        out = scores.softmax(dim=-1).to(all_values.dtype) @ all_values
         if gates is not None:
             out = out * F.linear(y, *gates).transpose(1, 2)[..., None].sigmoid()
         h = h + F.linear(out.transpose(1, 2).flatten(2), *out_proj) * gate
 
-        y, gate = modulated(h, ff_mod)  # feed-forward (`FeedForward`, GEGLU)
-        y, gelu_gates = F.linear(y, *ff_in).chunk(2, dim=-1)
-        h = h + F.linear(F.gelu(gelu_gates) * y, *ff_out) * gate
+        y, gate = modulated(h, 6 * index + 3)  # feed-forward (`FeedForward`, GEGLU)
+        y = F.linear(y, ff_in[0])  # biases added apart, fused with the next kernel (addmm copies them out first)
+        y, gelu_gates = (y if ff_in[1] is None else y + ff_in[1]).chunk(2, dim=-1)
+        y = F.linear(F.gelu(gelu_gates) * y, ff_out[0])
+        h = h + (y if ff_out[1] is None else y + ff_out[1]) * gate
 
     h = F.normalize(h, dim=-1) * norm_scale * (norm_gamma + 1.0)  # `RMSNorm`
     if cfg_scale is not None:
@@ -179,6 +203,31 @@ def rotary_rotation(model: Transfusion, positions: Tensor) -> tuple[Tensor, Tens
     return rotation.cos, rotation.sin
 
 
+def relative_window(cache: KVCache, rows: slice | Tensor, window: int, rotation: tuple[Tensor, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per layer the first `window` slots of the cache's `rows`, the keys rotated back by each
+    row's position (cos, sin `rotation`), and under autocast cast to its dtype: once per solve,
+    where attention would cast them at every layer and step."""
+    keys, values = cache.keys[:, rows, :, :window], cache.values[:, rows, :, :window]
+    cos, sin = rotation
+    keys = rotate(Rotation(cos, -sin), keys)  # R(−p): the rotation by p undone, for every layer at once
+    device_type = keys.device.type
+    if torch.is_autocast_enabled(device_type):
+        keys, values = keys.to(torch.get_autocast_dtype(device_type)), values.to(torch.get_autocast_dtype(device_type))
+    return list(keys.unbind(0)), list(values.unbind(0))
+
+
+@dataclass(frozen=True)
+class CachedVelocity:
+    """The guided velocity `v(t, state)` of a solve on the compiled step, and `commit(state)`,
+    which writes the clean instances' keys / values into the cache (the step at t = 1)."""
+
+    velocity: Callable[[Tensor, Tensor], Tensor]
+    commit: Callable[[Tensor], None]
+
+    def __call__(self, t: Tensor, state: Tensor) -> Tensor:
+        return self.velocity(t, state)
+
+
 def cached_velocity(
     model: Transfusion,
     modality_type: int,
@@ -189,7 +238,7 @@ def cached_velocity(
     prefix_valid: Tensor | None,
     cfg_scale: float,
     compile: bool = True,
-) -> Callable[[Tensor, Tensor], Tensor]:
+) -> CachedVelocity:
     """The guided velocity function `v(t, state)` of `len(offsets)` instances of `shape` (the
     ODE state: their latents, flattened and concatenated) after the prefixes in cache `rows`
     (with guidance, the conditional rows then their unconditional twins), instance `i` at rotary
@@ -200,18 +249,21 @@ def cached_velocity(
     new, length = num_tokens + int(guided), cache.length
     if length + new > cache.capacity:  # before the buffer is taken: growing replaces it
         cache.grow(length + new)
-    keys, values = list(cache.keys[:, rows].unbind(0)), list(cache.values[:, rows].unbind(0))
+    # each step attends over a window of the cache before the new tokens, of a size that depends on
+    # the capacity only (`p = capacity - new` slots, the prefix and masked empty ones), then the new
+    # tokens: one graph for every solve of this batch, shape and capacity
+    window = cache.capacity - new
+    rotation = rotary_rotation(model, offsets.reshape(count).repeat(2 if guided else 1))
+    keys, values = relative_window(cache, rows, window, rotation)
     batch, device = keys[0].shape[0], offsets.device
     if batch != count * (2 if guided else 1):
         raise ValueError(f"`rows` selects {batch} cache rows for {count} instances (guided: {guided})")
 
-    visible = torch.zeros(batch, cache.capacity, dtype=torch.bool, device=device)
+    visible = torch.zeros(batch, window + new, dtype=torch.bool, device=device)
     visible[:count, :length] = True if prefix_valid is None else prefix_valid
-    visible[:, length : length + new] = True
+    visible[:, window:] = True
     if guided:
-        visible[:count, length] = False  # the null token leads only the unconditional twins
-    slots = torch.arange(length, length + new, device=device)
-    rotation = rotary_rotation(model, offsets.reshape(count).to(device).repeat(2 if guided else 1))
+        visible[:count, window] = False  # the null token leads only the unconditional twins
     heads = model.modality_heads[modality_type]
     pos_emb = heads.position_embeddings([tuple(shape)]) if heads.pos_emb is not None else None  # the same at every step
     step = compiled(model, "_compiled_ode_step", ode_velocity_step, typechecked=True) if compile else ode_velocity_step
@@ -220,10 +272,20 @@ def cached_velocity(
     config = (transformer.heads, transformer.dim_head, float(transformer.norm.scale), model.flow_prediction == "data", model.dtype)
     scale = cfg_scale if guided else None
 
-    def velocity(t: Tensor, state: Tensor) -> Tensor:
+    def instances(state: Tensor) -> Tensor:
         x = state.reshape(count, num_tokens, -1)
-        if x._base is not None:  # a view (of the solver's state): dynamo would guard on its base's strides, and recompile
-            x = x.clone()
-        return step(weights, config, keys, values, x, t, rotation, slots, visible, pos_emb, scale).reshape(state.shape)
+        # a view (of the solver's state): dynamo would guard on its base's strides, and recompile
+        return x.clone() if x._base is not None else x
 
-    return velocity
+    def velocity(t: Tensor, state: Tensor) -> Tensor:
+        return step(weights, config, keys, values, instances(state), t, rotation, visible, pos_emb, scale).reshape(state.shape)
+
+    def commit(state: Tensor):
+        slots = torch.arange(length, length + new, device=device)
+        keys_rows, values_rows = cache.keys[:, rows], cache.values[:, rows]  # views for a slice of rows
+        written = (list(keys_rows.unbind(0)), list(values_rows.unbind(0)), slots)
+        step(weights, config, keys, values, instances(state), torch.ones((), device=device), rotation, visible, pos_emb, scale, written)
+        if not isinstance(rows, slice):  # a tensor of rows gathered copies
+            cache.keys[:, rows], cache.values[:, rows] = keys_rows, values_rows
+
+    return CachedVelocity(velocity, commit)

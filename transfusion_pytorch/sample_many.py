@@ -256,7 +256,7 @@ def generate_modalities(model: Transfusion, streams, opening, state: Rows, optio
             for i, latent in zip(indices, unpack(solved, noise_shapes, "*")):
                 latents[i] = latent
             if whole and not state.guided:  # the cache's own rows: the step at t = 1 is the commit pass
-                velocity(torch.ones((), device=solved.device), solved)  # (it writes the clean tokens' keys / values)
+                velocity.commit(solved)  # the step at t = 1 writes the clean tokens' keys / values
                 committed = True
     else:
         latents = unpack(integrate(guided(velocity_fn, options.cfg_scale), packed, options.modality_steps, model.odeint_kwargs), packed_shapes, "*")
