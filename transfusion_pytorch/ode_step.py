@@ -114,15 +114,16 @@ def ode_velocity_step(
 ) -> Tensor:
     """Velocities `(b, L, dl)` (fp32) of `b` instances `x (b, L, dl)` at flow time `t`, instance `i`
     in cache row `i` rotated by `rotation[0][i]`, `rotation[1][i]` (cos, sin `(rows, 1, 1, dh)`, one rotary
-    position per row, twins included: `rotary_rotation`). `keys` / `values`: per layer a window of
-    the cached prefix, `(rows, h, p, dh)`, its keys rotated back by the row's position
-    (`relative_window`); the new tokens' keys / values follow it, and row `r`
-    attends to the `p + n` slots `visible[r]` marks. With `cfg_scale`, rows `b … 2b − 1` are the
-    unconditional twins, every row leads with the null token (slot `p`, hidden from the
-    conditional rows), and the guided velocity comes back. `written = (keys, values, slots)`:
-    the commit pass, which writes the new tokens' keys / values into those cache buffers at
-    `slots` and returns an empty tensor once the last layer's are written. `weights`: `step_weights`; `config`: `(heads, dim_head, RMSNorm scale, data
-    prediction, the model's dtype)`. The same arithmetic as `Transfusion.predict`."""
+    position per row, twins included: `rotary_rotation`). `keys` / `values`: per layer a window
+    of the cached prefix, `(rows, h, p, dh)`, its keys rotated back by the row's position
+    (`relative_window`); the new tokens' keys / values follow it, and row `r` attends to the
+    `p + n` slots `visible[r]` marks. With `cfg_scale`, rows `b … 2b − 1` are the unconditional
+    twins, every row leads with the null token (slot `p`, hidden from the conditional rows), and
+    the guided velocity comes back. `written = (keys, values, slots)`: the commit pass, which
+    writes the new tokens' keys / values into those cache buffers at `slots` and returns an
+    empty tensor once the last layer's are written. `weights`: `step_weights`; `config`:
+    `(heads, dim_head, RMSNorm scale, data prediction, the model's dtype)`. The same arithmetic
+    as `Transfusion.predict`."""
     (time_freqs, time_mlp), (to_model, to_latent), null, modulations, layers, norm_gamma = weights
     num_heads, dim_head, norm_scale, data_prediction, dtype = config
     tokens = x.to(dtype) if to_model is None else F.linear(x.to(dtype), *to_model)  # as `Transfusion.instance_tokens`
@@ -158,7 +159,8 @@ def ode_velocity_step(
         y, gate = modulated(h, 6 * index)  # attention (`Attention.forward`)
         q, k, v = F.linear(y, *qkv).unflatten(-1, (3, num_heads, dim_head)).permute(2, 0, 3, 1, 4).unbind(0)  # (rows, h, n, dh)
         # no rotation: every new token sits at its row's one position p, so rotary angles cancel
-        # between them, and the window's keys come rotated back by p (Su et al.: only p' − p counts)
+        # between them, and the window's keys come rotated back by p (RoPE, Su et al. 2021, arXiv
+        # 2104.09864: a query at p and a key at p' see only p' − p)
         if written is not None:
             written[0][index].index_copy_(-2, written[2], rotate(rotation, k).to(written[0][index].dtype))
             written[1][index].index_copy_(-2, written[2], v.to(written[1][index].dtype))
