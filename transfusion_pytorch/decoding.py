@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ._typing import Bool, Float, Int, typecheck, typecheck_disabled
 from .attention import AttentionMask, KVCache, Rotation, SlotCache, rotate
+from .helpers import autocast_dtype
 
 if TYPE_CHECKING:
     from .transfusion import Transfusion
@@ -276,9 +277,10 @@ class TokenDecoder:
         self.lean = TextWeights.supported(model)
         if self.lean:
             weights = TextWeights.of(model)
-            device_type = model.device.type
-            matmul_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-            self.weights, self.shape = weights.tensors(matmul_dtype), (weights.heads, weights.dim_head, float(model.transformer.norm.scale))
+            self.weights, self.shape = (
+                weights.tensors(autocast_dtype(model.device.type)),
+                (weights.heads, weights.dim_head, float(model.transformer.norm.scale)),
+            )
             self.step = compiled(model, "_compiled_text_step", text_decode_step, lean=True) if compile else text_decode_step
         else:
             self.step = compiled(model, "_compiled_decode_step", _decode_one_token, typechecked=True) if compile else decode_one_token

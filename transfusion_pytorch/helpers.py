@@ -66,3 +66,8 @@ def print_modality_sample(sample: list) -> None:
     """Print one line per item of an interleaved sample: its kind and shape."""
     for kind, shape in describe_modality_sample(sample):
         print(f"{kind:<12} {shape}")
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts matmul operands to on `device_type`, or None when it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None

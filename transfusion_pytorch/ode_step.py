@@ -42,6 +42,7 @@ from torch import Tensor
 from .attention import KVCache, Rotation, rotate
 from .decoding import TextWeights, compiled
 from .flow import cfg_blend, data_to_velocity
+from .helpers import autocast_dtype
 
 if TYPE_CHECKING:
     from .transfusion import Transfusion
@@ -61,8 +62,7 @@ def step_weights(model: Transfusion, modality_type: int) -> tuple:
     matrices, then the final RMSNorm's gain. Under autocast the matrices and biases
     are cast to its dtype here, once per solve: autocast would cast them inside the compiled step
     at every ODE step (the time projections alone are 6.3 M parameters for the MNIST-sized model)."""
-    device_type = model.device.type
-    autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    autocast = autocast_dtype(model.device.type)
 
     def linear(layer) -> tuple | None:
         if not isinstance(layer, torch.nn.Linear):
@@ -212,9 +212,9 @@ def relative_window(cache: KVCache, rows: slice | Tensor, window: int, rotation:
     keys, values = cache.keys[:, rows, :, :window], cache.values[:, rows, :, :window]
     cos, sin = rotation
     keys = rotate(Rotation(cos, -sin), keys)  # R(−p): the rotation by p undone, for every layer at once
-    device_type = keys.device.type
-    if torch.is_autocast_enabled(device_type):
-        keys, values = keys.to(torch.get_autocast_dtype(device_type)), values.to(torch.get_autocast_dtype(device_type))
+    dtype = autocast_dtype(keys.device.type)
+    if dtype is not None:
+        keys, values = keys.to(dtype), values.to(dtype)
     return list(keys.unbind(0)), list(values.unbind(0))
 
 
