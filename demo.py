@@ -23,7 +23,7 @@ The same two directions are API endpoints (`gradio_client`):
     word = client.predict(handle_file(path), api_name="/image_to_text")         # an image file → "seven"
 
 The page shows the tabs of the modalities the checkpoint's saved config holds: a
-`train_video.py` checkpoint (one 3-D modality, `VideoPatchify`) gets a Text → video tab
+`train_video.py` checkpoint (one 3-D modality, `VideoEncoder` or `VideoPatchify`) gets a Text → video tab
 instead ("three moving left" → an animated GIF, `examples.video.generate_clips`) and the
 endpoint `/text_to_video` (prompt, cfg_scale, steps, seed → a GIF file); a `train_audio.py`
 checkpoint (a 1-D latent, its log-mel codec in the checkpoint) gets Text → speech and
@@ -474,7 +474,7 @@ def load_demo(checkpoint: str | os.PathLike, device: str = "auto", weights: str 
     encoder = type(model.modality_heads[0].encoder).__name__ if model.num_modalities == 1 else None
     if encoder == "NoneType" and "codec" in extra:  # train_audio.py: a 1-D latent, its codec outside the model
         encoder = "LogMelCodec"
-    kinds = {("Patchify", 26): DigitDemo, ("VideoPatchify", 27): VideoDemo, ("LogMelCodec", 28): AudioDemo}
+    kinds = {("Patchify", 26): DigitDemo, ("VideoEncoder", 27): VideoDemo, ("VideoPatchify", 27): VideoDemo, ("LogMelCodec", 28): AudioDemo}
     demo_class = kinds.get((encoder, model.config.get("num_text_tokens")))
     if demo_class is None:
         raise ValueError(

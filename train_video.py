@@ -8,14 +8,17 @@ one letter per text token as in `train_mnist.py`, with one more token for the sp
     [sos] t h r e e _ m o v i n g _ l e f t [meta] "1,8,8" [som] <64 video tokens> [eom] [eos]
     [sos] [meta] "1,8,8" [som] <64 video tokens> [eom] t h r e e _ m o v i n g _ l e f t [eos]
 
-Video: pixels in [-1, 1] (background -1), a clip `(1, frames, 32, 32)`. `VideoPatchify(4, 8)`
-cuts it into 8×4×4 tubes (a 4×4 patch through all 8 frames): a (128, 1, 8, 8) channel-first
-latent, 64 tokens of 128 values, with an axial position embedding over (time, height, width)
-(`add_pos_emb=True`). `VideoUnpatchify` is its exact inverse; the codec has no parameters.
-A token holds its patch's whole trajectory, so the motion is in every token, and a clip costs
-64 tokens (with 2×4×4 tubes, `--frame-patch-size 2`, it costs 256). So many values per token are what
-`flow_prediction="data"` is for (`--flow-prediction`): the model predicts the clean clip and the
-velocity is derived from it (Li & He 2025, arXiv 2511.13720).
+Video: pixels in [-1, 1] (background -1), a clip `(1, frames, 32, 32)`, cut into tubes of
+8 frames × 4 × 4 pixels: 64 tokens a clip, with an axial position embedding over (time, height,
+width) (`add_pos_emb=True`). Two codecs (`--codec`):
+  - `autoencoder` (the default): a small 3D-convolutional autoencoder (`transfusion_pytorch.autoencoders`),
+    fitted first on the training clips (`--ae-steps` 600 batches of 64, under a minute on 2
+    cores) and then frozen, gives each tube 16 latent values (`--ae-channels`); the transformer
+    predicts their velocity, as for images. Its decoder turns the generated latents into clips.
+  - `patchify`: `VideoPatchify(4, 8)`, parameter-free and lossless, every pixel of a tube in its
+    token (128 values); so many values per token are what `flow_prediction="data"` is for: the
+    model predicts the clean clip and the velocity is derived from it (Li & He 2025, arXiv 2511.13720).
+A token holds its patch's whole trajectory, so the motion is in every token.
 With `--frame-patch-size 2 --min-frames 4` the clips have 4, 6 or 8 frames (fixed per digit),
 batched by frame count with the `BucketBatchSampler`; the model writes the shape ("2,8,8" …
 "4,8,8") before a clip, and generation takes the frame count in the prompt (`--eval-frames`).
@@ -39,7 +42,8 @@ Evaluation (`<out>/eval.json`), for the EMA weights (`--eval-weights both` adds 
     how far the judges themselves can be trusted.
 `<out>/samples.gif`: generated clips, one row per digit, one column per direction (left, right, up, down).
 
-    python train_video.py                      # the default run: ~15 min on one CPU thread (does not reach the targets yet)
+    python train_video.py                      # the default run (README "Video": its time and scores)
+    python train_video.py --codec patchify     # the parameter-free codec instead of the autoencoder
     python train_video.py --frame-patch-size 2 --min-frames 4   # 4, 6 or 8 frames per clip, bucketed
     python train_video.py --resume latest      # continue <out>/checkpoints/latest.pt
     python train_video.py --eval-only runs/video/checkpoints/latest.pt
@@ -59,6 +63,7 @@ import torch
 from tqdm import tqdm
 
 from transfusion_pytorch import BucketBatchSampler, Transfusion
+from transfusion_pytorch.autoencoders import VideoAutoencoder, fit_autoencoder
 from transfusion_pytorch.codecs import VideoPatchify, VideoUnpatchify
 from transfusion_pytorch.distributed import run_distributed
 from transfusion_pytorch.examples.mnist import load_digits, to_unit_pixels
@@ -93,26 +98,46 @@ from transfusion_pytorch.training import (
 
 
 def build_model(args) -> Transfusion:
+    """The model; with `--codec autoencoder` its encoder / decoder are an untrained `VideoAutoencoder`'s
+    halves (`train` fits them before the transformer trains; a checkpoint brings them back)."""
+    if args.codec == "autoencoder":  # 16 values a tube
+        autoencoder = VideoAutoencoder(1, args.ae_channels, args.ae_width, args.frame_patch_size)
+        encoder, decoder, dim_latent = autoencoder.encoder, autoencoder.decoder, args.ae_channels
+    else:  # every pixel of a tube: 1 channel × 8 × 4 × 4 = 128 values by default
+        encoder, decoder = VideoPatchify(args.patch_size, args.frame_patch_size), VideoUnpatchify(args.patch_size, args.frame_patch_size)
+        dim_latent = args.frame_patch_size * args.patch_size**2
     return Transfusion(
         num_text_tokens=NUM_TEXT_TOKENS,
-        dim_latent=args.frame_patch_size * args.patch_size**2,  # 1 channel × 2 × 4 × 4 tube by default
+        dim_latent=dim_latent,
         channel_first_latent=True,
         modality_default_shape=clip_shape(args.frames, args.frame_patch_size, args.patch_size),
-        modality_encoder=VideoPatchify(args.patch_size, args.frame_patch_size),
-        modality_decoder=VideoUnpatchify(args.patch_size, args.frame_patch_size),
+        modality_encoder=encoder,
+        modality_decoder=decoder,
         add_pos_emb=True,
         # --stem conv: per-frame convolutions at pixel level before / after the transformer, on the same tube grid
         pre_post_transformer_enc_dec=(
             conv_stem_and_head(args.dim, args.patch_size, width=args.stem_width, frame_patch_size=args.frame_patch_size) if args.stem == "conv" else None
         ),
         unconditional_prob=args.unconditional_prob,
-        flow_prediction=args.flow_prediction,
+        flow_prediction=args.flow_prediction or ("velocity" if args.codec == "autoencoder" else "data"),
         transformer=dict(dim=args.dim, depth=args.depth, dim_head=args.dim // args.heads, heads=args.heads),
     )
 
 
 def speeds_of(args) -> tuple[int, ...]:
     return tuple(sorted(set(args.speeds)))
+
+
+def autoencoder_batches(split, args, batch_size: int = 64):
+    """Batches `(64, 1, frames, 32, 32)` of training clips for fitting the autoencoder, the digits in a
+    new order and with new motions every pass (a seed of their own, apart from the transformer's clips)."""
+    dataset = MovingDigits(split.train_images, split.train_labels, [args.frames] * len(split.train_labels), speeds_of(args), seed=args.seed + 1)
+    generator, epoch = torch.Generator().manual_seed(args.seed + 1), 0
+    while True:
+        for indices in torch.randperm(len(dataset), generator=generator).split(batch_size):
+            if len(indices) == batch_size or len(dataset) < batch_size:
+                yield torch.stack(dataset.clips(indices.tolist(), epoch)[0])
+        epoch += 1
 
 
 def caption_clip_pairs(clips: list[torch.Tensor], captions: list[str], clip_first: torch.Tensor, device) -> list[list]:
@@ -276,6 +301,16 @@ def main(args):
         raise ValueError(f"`--patch-size` must divide the 32-pixel frame side, got {args.patch_size}")
     if args.min_frames > args.frames:
         raise ValueError(f"`--min-frames` ({args.min_frames}) must be at most `--frames` ({args.frames})")
+    if args.codec == "autoencoder":
+        if args.patch_size != 4 or args.frame_patch_size % 2:
+            raise ValueError(
+                f"`--codec autoencoder` makes tokens of 4×4 pixels and an even number of frames: `--patch-size` must be 4 and "
+                f"`--frame-patch-size` even, got {args.patch_size} and {args.frame_patch_size}"
+            )
+        if args.stem != "linear":
+            raise ValueError("`--stem conv` works on the pixels of `--codec patchify` tubes, not on autoencoder latents")
+    if args.flow_prediction is None:  # a tube of 128 pixels: predict the clean clip; 16 latent values: the velocity, as for images
+        args.flow_prediction = "velocity" if args.codec == "autoencoder" else "data"
     # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in
     return run_distributed(train, args)
 
@@ -299,6 +334,12 @@ def train(args, ctx):
         return run_evaluation(model, ema, split, args, out, state["step"], precision)
 
     model = build_model(args).to(device)
+    if args.codec == "autoencoder" and not args.resume:  # a resumed run gets the fitted autoencoder from its checkpoint
+        heads = model.modality_heads[0]
+        ctx.print(f"fitting the video autoencoder ({args.ae_steps} steps of 64 clips)")
+        batches = (clips.to(device) for clips in autoencoder_batches(split, args))
+        fitted = fit_autoencoder(heads.encoder, heads.decoder, batches, steps=args.ae_steps, autocast=precision.autocast, log=ctx.print, log_every=200)
+        ctx.print(f"autoencoder: reconstruction MSE {fitted['loss']:.4f}, latent std {fitted['latent_std']:.3f} ({fitted['seconds']:.0f}s)")
     optimizer = make_optimizer(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, args.steps))
     ema = model.create_ema(beta=args.ema_beta, update_after_step=args.warmup, update_every=1)  # a copy of the model, on its device
@@ -407,7 +448,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch-size", type=int, default=4, help="pixels of a tube's side")
     parser.add_argument("--frame-patch-size", type=int, default=8, help="frames of a tube (8: a 4×4 patch's whole trajectory in one token)")
     parser.add_argument("--speeds", type=int, nargs="+", default=[2], help="pixels per frame; two speeds add 'slowly' / 'quickly' to the captions")
-    parser.add_argument("--flow-prediction", choices=("velocity", "data"), default="data", help="the model predicts a clip's clean data, or its velocity")
+    parser.add_argument(
+        "--codec",
+        choices=("autoencoder", "patchify"),
+        default="autoencoder",
+        help="autoencoder: a 3D conv autoencoder fitted first, 16 values a tube (transfusion_pytorch.autoencoders); patchify: every pixel of a tube",
+    )
+    parser.add_argument("--ae-steps", type=int, default=600, help="steps of 64 clips fitting the autoencoder (--codec autoencoder)")
+    parser.add_argument("--ae-channels", type=int, default=16, help="latent values a tube (--codec autoencoder)")
+    parser.add_argument("--ae-width", type=int, default=32, help="channels of the autoencoder's convolutions")
+    parser.add_argument(
+        "--flow-prediction",
+        choices=("velocity", "data"),
+        default=None,
+        help="the model predicts a clip's velocity or its clean data (default: velocity with the autoencoder, data with patchify)",
+    )
     parser.add_argument(
         "--stem", choices=("linear", "conv"), default="linear", help="tube embedding: a Linear layer, or a conv stem / head (transfusion_pytorch.stems)"
     )

@@ -379,7 +379,9 @@ def test_a_conv_stem_checkpoint_loads_and_serves_like_a_linear_one(tmp_path, scr
 
     script = importlib.import_module(script_name)
     video = script_name == "train_video"
-    args = script.build_parser().parse_args([*TINY, "--stem", "conv", "--stem-width", "4", *(["--frames", "4", "--frame-patch-size", "2"] if video else [])])
+    args = script.build_parser().parse_args(
+        [*TINY, "--stem", "conv", "--stem-width", "4", *(["--frames", "4", "--frame-patch-size", "2", "--codec", "patchify"] if video else [])]
+    )
     torch.manual_seed(0)
     model = randomized(script.build_model(args))
     path = save_checkpoint(tmp_path / "stem.pt", model, ema=model.create_ema(), extra={"args": json.dumps(vars(args))})

@@ -14,6 +14,7 @@ from torch import randint, randn
 
 from conftest import randomized, tiny_transformer
 from transfusion_pytorch import BucketBatchSampler, Transfusion
+from transfusion_pytorch.autoencoders import VideoEncoder
 from transfusion_pytorch.codecs import Patchify, VideoPatchify, VideoUnpatchify
 from transfusion_pytorch.examples import video as V
 from transfusion_pytorch.training import read_checkpoint
@@ -291,18 +292,23 @@ def write_idx(path: Path, array: np.ndarray):
 
 TINY = (
     "--frame-patch-size 2 --dim 16 --depth 1 --heads 1 --batch-size 4 --warmup 1 --log-every 1 --eval-samples 4 --eval-captions 4 --modality-steps 2 "
-    "--classifier-epochs 1 --num-eval 20 --checkpoint-every 0 --device cpu --threads 1"
+    "--classifier-epochs 1 --num-eval 20 --checkpoint-every 0 --device cpu --threads 1 --ae-steps 3 --ae-width 4 --ae-channels 4"
 ).split()
 
 
-def test_main_trains_writes_checkpoint_gif_eval_and_resumes(tmp_path):
-    pytest.importorskip("PIL")
-    script = load_script()
+def tiny_digits(tmp_path: Path) -> Path:
     images, labels = fake_digits(60)  # 40 training 'digits', 20 held out: a pipeline test, not a learning one
     data = tmp_path / "data"
     data.mkdir()
     write_idx(data / "train-images-idx3-ubyte.gz", ((images[:, 0] + 1) * 127.5).round().numpy())
     write_idx(data / "train-labels-idx1-ubyte.gz", labels.numpy())
+    return data
+
+
+def test_main_trains_writes_checkpoint_gif_eval_and_resumes(tmp_path):
+    pytest.importorskip("PIL")
+    script = load_script()
+    data = tiny_digits(tmp_path)
     out = tmp_path / "run"
     parse = script.build_parser().parse_args
 
@@ -322,18 +328,34 @@ def test_main_trains_writes_checkpoint_gif_eval_and_resumes(tmp_path):
 
     # the checkpoint rebuilds the model (codec included) and turns a prompt into a GIF, as the demo does
     sampler = V.load_sampler(latest)
-    assert isinstance(sampler.modality_heads[0].encoder, VideoPatchify) and sampler.modality_heads[0].encoder.frame_patch_size == 2
+    encoder = sampler.modality_heads[0].encoder
+    assert isinstance(encoder, VideoEncoder) and encoder.frame_patch_size == 2 and encoder.latent_channels == 4  # the default codec, fitted first
+    fitted = {k: v for k, v in read_checkpoint(latest)["model"].items() if ".encoder." in k or ".decoder." in k}
+    assert fitted["modality_heads.0.encoder.scale"].item() != 1.0
     gif_path = V.prompt_to_gif(latest, "seven moving up", tmp_path / "prompt.gif", frames=4, modality_steps=2)
     with Image.open(gif_path) as gif:
         assert gif.n_frames == 4
 
     script.main(parse([*TINY, "--data-dir", str(data), "--steps", "3", "--min-frames", "4", "--out", str(out), "--resume", "latest"]))
     assert read_checkpoint(latest)["step"] == 3
+    resumed = read_checkpoint(latest)["model"]
+    assert all(torch.equal(resumed[k], v) for k, v in fitted.items())  # the autoencoder came from the checkpoint: not refitted, not trained
     train_steps = [row["step"] for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss/total" in row]
     assert train_steps == [1, 2, 3]  # continued at step 3, nothing repeated
 
     evaluated = script.main(parse([*TINY, "--data-dir", str(data), "--out", str(tmp_path / "eval"), "--eval-only", str(latest), "--eval-frames", "6"]))
     assert evaluated["step"] == 3 and evaluated["eval_frames"] == 6
+
+
+def test_main_with_the_patchify_codec(tmp_path):
+    pytest.importorskip("PIL")
+    script = load_script()
+    out = tmp_path / "run"
+    args = script.build_parser().parse_args([*TINY, "--data-dir", str(tiny_digits(tmp_path)), "--steps", "1", "--codec", "patchify", "--out", str(out)])
+    report = script.main(args)
+    assert args.flow_prediction == "data" and 0.0 <= report["digit_accuracy"] <= 1.0
+    sampler = V.load_sampler(out / "checkpoints" / "latest.pt")
+    assert isinstance(sampler.modality_heads[0].encoder, VideoPatchify) and sampler.config["dim_latent"] == 2 * 4 * 4
 
 
 def test_main_refuses_bad_frame_counts():
@@ -343,3 +365,7 @@ def test_main_refuses_bad_frame_counts():
         script.main(parse(["--frames", "7", "--device", "cpu"]))
     with pytest.raises(ValueError, match="--min-frames"):
         script.main(parse(["--min-frames", "10", "--device", "cpu"]))
+    with pytest.raises(ValueError, match="--patch-size"):
+        script.main(parse(["--patch-size", "8", "--device", "cpu"]))  # the autoencoder makes 4×4 tokens
+    with pytest.raises(ValueError, match="--stem conv"):
+        script.main(parse(["--stem", "conv", "--device", "cpu"]))
