@@ -434,7 +434,7 @@ def train(args, ctx):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=32, help="the global batch (split over the processes with --ddp)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50, help="linear lr warmup steps, then a cosine to 10%% of --lr")
@@ -483,12 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/video")
     parser.add_argument("--data-dir", default=None, help="a folder with train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]")
     parser.add_argument("--num-eval", type=int, default=500, help="held-out digits (the same number per class)")
-    parser.add_argument("--eval-samples", type=int, default=40, help="clips generated from prompts (every digit × direction alike)")
+    parser.add_argument("--eval-samples", type=int, default=80, help="clips generated from prompts (every digit × direction alike)")
     parser.add_argument("--eval-captions", type=int, default=200, help="held-out clips captioned")
     parser.add_argument("--eval-frames", type=int, default=None, help="frames of the generated and captioned clips (default --frames)")
     parser.add_argument("--eval-weights", choices=("ema", "model", "both"), default="ema", help="the weights to evaluate (both: report the better)")
     parser.add_argument("--unconditional-prob", type=float, default=0.1, help="conditioning dropout per clip, for classifier-free guidance (0: none)")
-    parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale when generating (1: none; needs --unconditional-prob > 0)")
+    parser.add_argument("--cfg-scale", type=float, default=8.0, help="classifier-free guidance scale when generating (1: none; needs --unconditional-prob > 0)")
     parser.add_argument("--modality-steps", type=int, default=16, help="ODE time points per generated clip (midpoint solver)")
     parser.add_argument("--classifier-epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
