@@ -67,6 +67,11 @@ def test_bad_arguments_name_themselves():
         fit_autoencoder(encoder, VideoDecoder(frame_patch_size=4), batches_of(), steps=1)
     with pytest.raises(ValueError, match="`steps`"):
         fit_autoencoder(encoder, decoder, batches_of(), steps=-1)
+    for name, bad in (("lr", 0.0), ("latent_noise", -0.1), ("warmup", -1), ("lr", "fast")):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            fit_autoencoder(encoder, decoder, batches_of(), steps=1, **{name: bad})
+    with pytest.raises(TypeError, match="`batches`"):
+        fit_autoencoder(encoder, decoder, iter([torch.zeros(1, 2, 8, 8)]), steps=1, log=None)
 
 
 def test_fitting_learns_to_reconstruct_sets_the_scale_and_freezes():

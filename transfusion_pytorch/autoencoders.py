@@ -158,8 +158,9 @@ def fit_autoencoder(
         raise ValueError(f"`encoder` and `decoder` must share one configuration, got {encoder.get_config()} and {decoder.get_config()}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"`steps` must be an int >= 0, got {steps!r}")
-    if not latent_noise >= 0.0:
-        raise ValueError(f"`latent_noise` must be >= 0, got {latent_noise}")
+    for name, value, low in (("lr", lr, 0.0), ("latent_noise", latent_noise, 0.0), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low or (name == "lr" and value == 0):
+            raise ValueError(f"`{name}` must be a number {'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
     parameters = [*encoder.parameters(), *decoder.parameters()]
     for parameter in parameters:
         parameter.requires_grad_(True)
@@ -170,10 +171,15 @@ def fit_autoencoder(
         return min(1.0, (step + 1) / max(1, warmup)) * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    encoder.train(), decoder.train()
+    encoder.train()
+    decoder.train()
     start, loss = time.time(), torch.tensor(float("nan"))
     for step in range(steps):
         videos = next(batches)
+        if not torch.is_tensor(videos) or videos.ndim != 5:
+            raise TypeError(
+                f"`batches` must yield video batches (b, c, f, h, w), got {tuple(videos.shape) if torch.is_tensor(videos) else type(videos).__name__}"
+            )
         with autocast():
             latents = encoder.layers(videos)  # unscaled: `scale` is set at the end
             noisy = latents + latent_noise * latents.detach().float().std() * torch.randn_like(latents)
@@ -188,7 +194,8 @@ def fit_autoencoder(
             log(f"autoencoder step {step + 1}/{steps}: reconstruction MSE {loss.item():.4f} ({time.time() - start:.0f}s)")
 
     optimizer.zero_grad(set_to_none=True)  # no stale gradients left on the frozen halves
-    encoder.eval(), decoder.eval()
+    encoder.eval()
+    decoder.eval()
     with torch.no_grad(), autocast():
         std = encoder.layers(next(batches)).float().std().clamp_min(1e-6)
     encoder.scale.fill_(std)
