@@ -6,7 +6,7 @@ import pytest
 import torch
 from rotary_embedding_torch import apply_rotary_emb
 
-from conftest import gpu_available, make_model, tiny_transformer
+from conftest import gpu_available, make_model, randomized, tiny_transformer
 from transfusion_pytorch.attention import Attention, AttentionMask, KVCache, RotaryEmbedding, Rotation, compiled_flex_attention, rotate
 from transfusion_pytorch.masks import block_mask, causal, dense_mask, transfusion_mask
 
@@ -195,3 +195,65 @@ def test_flex_training_on_cuda_matches_sdpa():
     torch.manual_seed(1)
     loss_sdpa = model(batch, times=times)
     assert torch.allclose(loss_flex, loss_sdpa, atol=1e-4)
+
+
+def test_explicit_scores_match_sdpa_in_fp32_with_a_transfusion_mask():
+    """The explicit-scores path (`attend_reference`, what short bf16 training on CPU takes)
+    against SDPA on the same mixed causal / bidirectional mask: outputs and gradients."""
+    torch.manual_seed(0)
+    attn = Attention(dim=16, dim_head=8, heads=2)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    rotary = RotaryEmbedding(8)(torch.arange(7).expand(2, 7))
+    instance_ids = torch.tensor([[-1, 0, 0, 0, -1, 1, 1], [-1, -1, 0, 0, 0, 0, -1]])
+    mask = AttentionMask(dense=dense_mask(transfusion_mask(instance_ids), 2, 7, 7))
+    q, k, v = (torch.randn(2, 2, 7, 8, requires_grad=True) for _ in range(3))
+    explicit = attn.attend_reference(q, k, v, mask, dropout_p=0.0)
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
+    assert torch.allclose(explicit, fused, atol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (explicit, fused)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    # the mask matters here: without it the outputs differ (so the comparison above can fail)
+    unmasked = attn.attend_reference(q, k, v, AttentionMask(), dropout_p=0.0)
+    assert not torch.allclose(unmasked, fused, atol=1e-2)
+    assert attn(x, rotary, mask).shape == x.shape
+
+
+def test_short_bf16_training_on_cpu_takes_explicit_scores_and_matches_sdpa(monkeypatch):
+    """Training under bf16 autocast on CPU takes the explicit path (faster there for short
+    sequences); its loss and gradients match the fused SDPA kernel's to bf16 precision, on random
+    weights (the gates open, so every token's context matters)."""
+    from transfusion_pytorch import attention
+
+    torch.manual_seed(0)
+    model = randomized(make_model(dim_latent=8))
+    batch = interleaved_batch(model)
+    times = torch.rand(2, 2)
+    taken = []
+    reference = Attention.attend_reference
+    monkeypatch.setattr(Attention, "attend_reference", lambda self, *args, **kwargs: taken.append(1) or reference(self, *args, **kwargs))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(batch, times=times)
+        loss.backward()
+        return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+
+    loss_explicit, grads_explicit = loss_and_grads()
+    assert len(taken) == len(model.transformer.blocks)
+    explicit_is_faster = attention.explicit_is_faster
+    monkeypatch.setattr(attention, "explicit_is_faster", lambda q, k: False)
+    taken.clear()
+    loss_fused, grads_fused = loss_and_grads()
+    assert not taken
+    monkeypatch.setattr(attention, "explicit_is_faster", explicit_is_faster)
+    assert torch.allclose(loss_explicit, loss_fused, rtol=2e-2)
+    assert (grads_explicit - grads_fused).norm() < 0.05 * grads_fused.norm()
+
+    # in fp32, or without gradients, SDPA keeps the work
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(batch, times=times)
+    model(batch, times=times)
+    assert not taken

@@ -1,5 +1,6 @@
 """The quality benchmarks (`benchmarks/bench_diffusion.py`, `benchmarks/bench_ablation.py`):
-their samplers and metrics against closed forms, and a smoke run of each script's `--quick`."""
+their samplers and metrics against closed forms, and a smoke run of each script's `--quick`
+(and of `benchmarks/bench_attention.py`'s)."""
 
 import json
 import math
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_ablation  # noqa: E402
+import bench_attention  # noqa: E402
 import bench_diffusion  # noqa: E402
 import bench_lib as L  # noqa: E402
 
@@ -160,3 +162,14 @@ def test_compare_quality_quick_both_sides(tmp_path):
     args = compare_quality.build_parser().parse_args(["--quick", "--json", str(tmp_path / "q.json")])
     report = compare_quality.main(args)
     assert set(report["results"]) == {"ours", "0.12.0"} and all(r["steps"] > 0 for r in report["results"].values())
+
+
+def test_bench_attention_quick(tmp_path, monkeypatch):
+    path = tmp_path / "attention.json"
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--quick", "--threads", "1", "--json", str(path)])
+    bench_attention.main()
+    report = json.loads(path.read_text())
+    assert [row["dtype"] for row in report["rows"]] == ["bfloat16", "float32"]
+    for row in report["rows"]:
+        assert row["fused_train_ms"] > 0 and row["explicit_train_ms"] > 0
+        assert row["train_speedup"] == pytest.approx(row["fused_train_ms"] / row["explicit_train_ms"], rel=0.02)
