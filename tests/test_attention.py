@@ -199,24 +199,45 @@ def test_flex_training_on_cuda_matches_sdpa():
 
 def test_explicit_scores_match_sdpa_in_fp32_with_a_transfusion_mask():
     """The explicit-scores path (`attend_reference`, what short bf16 training on CPU takes)
-    against SDPA on the same mixed causal / bidirectional mask: outputs and gradients."""
+    against SDPA on the same mixed causal / bidirectional mask, plus one query that may see no
+    key (SDPA gives it zeros): outputs and gradients."""
     torch.manual_seed(0)
     attn = Attention(dim=16, dim_head=8, heads=2)
-    x = torch.randn(2, 7, 16, requires_grad=True)
-    rotary = RotaryEmbedding(8)(torch.arange(7).expand(2, 7))
     instance_ids = torch.tensor([[-1, 0, 0, 0, -1, 1, 1], [-1, -1, 0, 0, 0, 0, -1]])
-    mask = AttentionMask(dense=dense_mask(transfusion_mask(instance_ids), 2, 7, 7))
+    dense = dense_mask(transfusion_mask(instance_ids), 2, 7, 7).clone()
+    dense[1, :, 6] = False
+    mask = AttentionMask(dense=dense)
     q, k, v = (torch.randn(2, 2, 7, 8, requires_grad=True) for _ in range(3))
     explicit = attn.attend_reference(q, k, v, mask, dropout_p=0.0)
-    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     assert torch.allclose(explicit, fused, atol=1e-5)
+    assert torch.equal(explicit[1, :, 6], torch.zeros(2, 8))
     grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (explicit, fused)]
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-5)
     # the mask matters here: without it the outputs differ (so the comparison above can fail)
     unmasked = attn.attend_reference(q, k, v, AttentionMask(), dropout_p=0.0)
     assert not torch.allclose(unmasked, fused, atol=1e-2)
-    assert attn(x, rotary, mask).shape == x.shape
+
+
+def test_explicit_scores_in_bf16_are_as_precise_as_the_fused_kernel():
+    """Scores and softmax in fp32, as inside SDPA's fused kernel: against an fp64 reference on the
+    same bf16 inputs, sharp logits, the explicit path's error stays within 2× the kernel's (bf16
+    scores would carry ~5× it)."""
+    torch.manual_seed(0)
+    attn = Attention(dim=128, dim_head=32, heads=4)
+    q, k, v = (torch.randn(8, 4, 84, 32) * scale for scale in (2.0, 2.0, 1.0))
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    dense = (torch.rand(8, 1, 84, 84) > 0.3) | torch.eye(84, dtype=torch.bool)
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=dense)
+
+    def error(out):
+        return float((out.double() - exact).norm() / exact.norm())
+
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    explicit = attn.attend_reference(q, k, v, AttentionMask(dense=dense), dropout_p=0.0)
+    assert explicit.dtype == torch.bfloat16
+    assert error(explicit) < 2 * error(fused)
 
 
 def test_short_bf16_training_on_cpu_takes_explicit_scores_and_matches_sdpa(monkeypatch):

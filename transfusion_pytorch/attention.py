@@ -209,18 +209,18 @@ def flex_attention(q, k, v, block_mask, score_mod=None):
     return eager_flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod)
 
 
-# SDPA's fused CPU kernel in bf16 / fp16 is about twice as slow to train through as explicit
-# scores when rows are short: forward + backward, torch 2.13, 2 threads, (b, h, n, dh) =
-# (32, 4, 84, 32): 16.6 ms vs 7.7; (64, 4, 60, 64): 28.1 vs 13.4; (16, 4, 128, 64): 19.3 vs 14.2;
-# from 256 keys on the fused kernel wins (`benchmarks/bench_attention.py`, its json). In fp32,
-# and without gradients, the explicit path is no faster, so SDPA keeps those.
+# SDPA's fused CPU kernel in bf16 is about twice as slow to train through as explicit scores
+# when rows are short: forward + backward, torch 2.13, 2 threads, (b, h, n, dh) = (32, 4, 84, 32):
+# 16.6 ms vs 7.7; (64, 4, 60, 64): 28.1 vs 13.4; (16, 4, 128, 64): 19.3 vs 14.2; from 256 keys
+# on the fused kernel wins (`benchmarks/bench_attention.py`, its json). In fp32, and without
+# gradients, the two are about equal, so SDPA keeps those; fp16 on CPU was not measured.
 EXPLICIT_MAX_KEYS = 128
 
 
 def explicit_is_faster(q: Tensor, k: Tensor) -> bool:
     """Whether `Attention` takes the explicit-scores path instead of SDPA's fused kernel:
-    CPU, bf16 / fp16, queries that need a gradient, at most `EXPLICIT_MAX_KEYS` keys."""
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad and k.shape[-2] <= EXPLICIT_MAX_KEYS
+    CPU, bf16, queries that need a gradient, at most `EXPLICIT_MAX_KEYS` keys."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and k.shape[-2] <= EXPLICIT_MAX_KEYS
 
 
 def softcap_score_mod(softcap: float):
@@ -311,8 +311,13 @@ class Attention(Module):
 
     def attend_reference(self, q, k, v, mask: AttentionMask, dropout_p: float) -> Tensor:
         """The plain masked path: explicit scores, for logit soft-capping (Gemma 2) and for short
-        sequences trained in bf16 / fp16 on CPU (`explicit_is_faster`). The softmax runs in fp32."""
-        sim = (q @ k.transpose(-1, -2)) * self.scale
+        rows trained in bf16 on CPU (`explicit_is_faster`). Scores and softmax are fp32, as inside
+        SDPA's fused kernel (bf16 scores would carry ~5× its error); the weighted sum of values
+        runs in their dtype. A query that may see no key at all gets zeros, as from SDPA.
+        (`is_causal` aligns queries with the last keys; the model only sets it with as many
+        queries as keys, where SDPA's alignment is the same.)"""
+        with torch.autocast(q.device.type, enabled=False):
+            sim = (q.float() @ k.float().transpose(-1, -2)) * self.scale
         if self.softcap_value > 0:
             sim = torch.tanh(sim / self.softcap_value) * self.softcap_value
 
@@ -321,8 +326,8 @@ class Attention(Module):
             i, j = sim.shape[-2:]
             allowed = torch.ones(i, j, dtype=torch.bool, device=sim.device).tril(j - i)
 
-        if exists(allowed):
-            sim = sim.masked_fill(~allowed, torch.finfo(sim.dtype).min)
-
-        attn = F.dropout(sim.float().softmax(dim=-1).to(v.dtype), p=dropout_p)
+        attn = sim.masked_fill(~allowed, torch.finfo(sim.dtype).min).softmax(dim=-1) if exists(allowed) else sim.softmax(dim=-1)
+        if exists(allowed) and exists(mask.dense):
+            attn = attn * allowed.any(dim=-1, keepdim=True)  # rows that see nothing: zeros, not a uniform mean
+        attn = F.dropout(attn.to(v.dtype), p=dropout_p)
         return attn @ v
