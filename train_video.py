@@ -3,7 +3,7 @@
 Each training sample is a clip of a real MNIST digit (its 20×20 box) moving left, right,
 up or down inside 32×32 frames, bouncing off the walls, and its caption in words — spelled
 one letter per text token as in `train_mnist.py`, with one more token for the space:
-"three moving left" — in both orders (65 % generation, 35 % captioning, `--caption-fraction`):
+"three moving left" — in both orders (80 % generation, 20 % captioning, `--caption-fraction`):
 
     [sos] t h r e e _ m o v i n g _ l e f t [meta] "1,8,8" [som] <64 video tokens> [eom] [eos]
     [sos] [meta] "1,8,8" [som] <64 video tokens> [eom] t h r e e _ m o v i n g _ l e f t [eos]
@@ -29,7 +29,7 @@ digits; the held-out clips are one per held-out digit with motions from their ow
 
 Evaluation (`<out>/eval.json`), for the EMA weights (`--eval-weights both` adds the online ones):
   - text → video: `--eval-samples` clips from the prompts "digit moving direction", every
-    digit × direction alike (`caption [meta] "4,8,8" [som]`, guidance `--cfg-scale 3`);
+    digit × direction alike (`caption [meta] "4,8,8" [som]`, guidance `--cfg-scale`, 8 by default);
     `digit_accuracy`: the digit classifier (`judges.DigitClassifier`, trained here on the
     training digits as clips show them) on each frame, cropped at the intensity centroid,
     majority over frames; `direction_accuracy`: the direction of the least-squares fit of the
@@ -434,14 +434,14 @@ def train(args, ctx):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=32, help="the global batch (split over the processes with --ddp)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50, help="linear lr warmup steps, then a cosine to 10%% of --lr")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--ema-beta", type=float, default=0.99)
-    parser.add_argument("--caption-fraction", type=float, default=0.35, help="share of samples in the [clip, caption] order")
+    parser.add_argument("--caption-fraction", type=float, default=0.2, help="share of samples in the [clip, caption] order")
     parser.add_argument("--caption-min-time", type=float, default=0.5, help="least flow time (most noise) of a clip before a caption")
     parser.add_argument("--frames", type=int, default=8, help="frames per clip (a multiple of --frame-patch-size)")
     parser.add_argument("--min-frames", type=int, default=None, help="fewest frames per clip: clips of min, min+2, …, --frames frames (default: all --frames)")
