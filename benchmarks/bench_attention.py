@@ -1,5 +1,5 @@
 """Masked attention on CPU: SDPA's fused kernel against explicit scores (`Attention.attend_reference`,
-softmax in fp32), forward + backward and forward only, bf16 and fp32, over sequence lengths.
+scores and softmax in fp32), forward + backward and forward only, bf16 and fp32, over sequence lengths.
 It is the measurement behind `attention.explicit_is_faster` (which path short bf16 training takes).
 
 Run:  .venv/bin/python benchmarks/bench_attention.py [--threads 2] [--json benchmarks/bench_attention.json]
@@ -64,6 +64,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="the first shape, one round (a smoke run)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    for name in ("threads", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shapes = SHAPES[:1] if args.quick else SHAPES

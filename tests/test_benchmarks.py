@@ -173,3 +173,9 @@ def test_bench_attention_quick(tmp_path, monkeypatch):
     for row in report["rows"]:
         assert row["fused_train_ms"] > 0 and row["explicit_train_ms"] > 0
         assert row["train_speedup"] == pytest.approx(row["fused_train_ms"] / row["explicit_train_ms"], rel=0.02)
+
+
+def test_bench_attention_refuses_zero_rounds(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--rounds", "0"])
+    with pytest.raises(SystemExit):
+        bench_attention.main()

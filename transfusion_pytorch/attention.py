@@ -209,9 +209,9 @@ def flex_attention(q, k, v, block_mask, score_mod=None):
     return eager_flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod)
 
 
-# SDPA's fused CPU kernel in bf16 is about twice as slow to train through as explicit scores
-# when rows are short: forward + backward, torch 2.13, 2 threads, (b, h, n, dh) = (32, 4, 84, 32):
-# 16.6 ms vs 7.7; (64, 4, 60, 64): 28.1 vs 13.4; (16, 4, 128, 64): 19.3 vs 14.2; from 256 keys
+# SDPA's fused CPU kernel in bf16 is 1.5–3× as slow to train through as explicit scores when
+# rows are short: forward + backward, torch 2.13, 2 threads, (b, h, n, dh) = (32, 4, 84, 32):
+# 25.7 ms vs 8.8; (64, 4, 60, 64): 25.3 vs 12.2; (16, 4, 128, 64): 15.3 vs 9.8; from 256 keys
 # on the fused kernel wins (`benchmarks/bench_attention.py`, its json). In fp32, and without
 # gradients, the two are about equal, so SDPA keeps those; fp16 on CPU was not measured.
 EXPLICIT_MAX_KEYS = 128
