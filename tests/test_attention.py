@@ -198,8 +198,7 @@ def test_flex_training_on_cuda_matches_sdpa():
 
 
 def test_explicit_scores_match_sdpa_in_fp32_with_a_transfusion_mask():
-    """The explicit-scores path (`attend_reference`, what short bf16 training on CPU takes)
-    against SDPA on the same mixed causal / bidirectional mask, plus one query that may see no
+    """The explicit-scores path (`attend_reference`, what soft-capped logits take) against SDPA on the same mixed causal / bidirectional mask, plus one query that may see no
     key (SDPA gives it zeros): outputs and gradients."""
     torch.manual_seed(0)
     attn = Attention(dim=16, dim_head=8, heads=2)
@@ -240,19 +239,46 @@ def test_explicit_scores_in_bf16_are_as_precise_as_the_fused_kernel():
     assert error(explicit) < 2 * error(fused)
 
 
-def test_short_bf16_training_on_cpu_takes_explicit_scores_and_matches_sdpa(monkeypatch):
-    """Training under bf16 autocast on CPU takes the explicit path (faster there for short
-    sequences); its loss and gradients match the fused SDPA kernel's to bf16 precision, on random
-    weights (the gates open, so every token's context matters)."""
+def test_upcast_attention_is_more_precise_than_the_bf16_kernel():
+    """bf16 training on CPU runs SDPA on fp32 copies of q, k, v: against an fp64 reference on the
+    same bf16 inputs, sharp logits, its error is below the bf16 kernel's (only the output's
+    rounding to bf16 is left)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(8, 4, 84, 32) * scale for scale in (2.0, 2.0, 1.0))
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    dense = (torch.rand(8, 1, 84, 84) > 0.3) | torch.eye(84, dtype=torch.bool)
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=dense)
+
+    def error(out):
+        return float((out.double() - exact).norm() / exact.norm())
+
+    attn = Attention(dim=128, dim_head=32, heads=4)
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    q.requires_grad_()  # the path is taken for training
+    upcast = attn.attend(q, k, v, AttentionMask(dense=dense))
+    assert upcast.dtype == torch.bfloat16
+    assert error(upcast) < error(fused)
+
+
+def test_bf16_training_on_cpu_upcasts_attention_and_matches_the_bf16_kernel(monkeypatch):
+    """Training under bf16 autocast on CPU runs SDPA on fp32 copies of q, k, v (faster there for
+    rows of up to `UPCAST_MAX_KEYS` keys); its loss and gradients match the bf16 kernel's to bf16
+    precision, on random weights (the gates open, so every token's context matters). In fp32, or
+    without gradients, SDPA runs on q, k, v as they are."""
     from transfusion_pytorch import attention
 
     torch.manual_seed(0)
     model = randomized(make_model(dim_latent=8))
     batch = interleaved_batch(model)
     times = torch.rand(2, 2)
-    taken = []
-    reference = Attention.attend_reference
-    monkeypatch.setattr(Attention, "attend_reference", lambda self, *args, **kwargs: taken.append(1) or reference(self, *args, **kwargs))
+    dtypes = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def recording_sdpa(q, *args, **kwargs):
+        dtypes.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording_sdpa)
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
@@ -262,19 +288,20 @@ def test_short_bf16_training_on_cpu_takes_explicit_scores_and_matches_sdpa(monke
         loss.backward()
         return loss.detach().float(), torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
 
-    loss_explicit, grads_explicit = loss_and_grads()
-    assert len(taken) == len(model.transformer.blocks)
-    explicit_is_faster = attention.explicit_is_faster
-    monkeypatch.setattr(attention, "explicit_is_faster", lambda q, k: False)
-    taken.clear()
-    loss_fused, grads_fused = loss_and_grads()
-    assert not taken
-    monkeypatch.setattr(attention, "explicit_is_faster", explicit_is_faster)
-    assert torch.allclose(loss_explicit, loss_fused, rtol=2e-2)
-    assert (grads_explicit - grads_fused).norm() < 0.05 * grads_fused.norm()
+    loss_upcast, grads_upcast = loss_and_grads()
+    assert dtypes == [torch.float32] * len(model.transformer.blocks)
+    upcast_is_faster = attention.upcast_is_faster
+    monkeypatch.setattr(attention, "upcast_is_faster", lambda q, k: False)
+    dtypes.clear()
+    loss_bf16, grads_bf16 = loss_and_grads()
+    assert dtypes == [torch.bfloat16] * len(model.transformer.blocks)
+    monkeypatch.setattr(attention, "upcast_is_faster", upcast_is_faster)
+    assert torch.allclose(loss_upcast, loss_bf16, rtol=2e-2)
+    assert (grads_upcast - grads_bf16).norm() < 0.05 * grads_bf16.norm()
 
-    # in fp32, or without gradients, SDPA keeps the work
+    # without gradients SDPA runs in bf16; in fp32 it runs in fp32, as without the rule
+    dtypes.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(batch, times=times)
     model(batch, times=times)
-    assert not taken
+    assert dtypes == [torch.bfloat16] * len(model.transformer.blocks) + [torch.float32] * len(model.transformer.blocks)

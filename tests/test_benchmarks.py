@@ -173,6 +173,9 @@ def test_bench_attention_quick(tmp_path, monkeypatch):
     for row in report["rows"]:
         assert row["fused_train_ms"] > 0 and row["explicit_train_ms"] > 0
         assert row["train_speedup"] == pytest.approx(row["fused_train_ms"] / row["explicit_train_ms"], rel=0.02)
+    bf16, fp32 = report["rows"]
+    assert bf16["upcast_train_speedup"] == pytest.approx(bf16["fused_train_ms"] / bf16["upcast_train_ms"], rel=0.02)
+    assert "upcast_train_ms" not in fp32  # fp32 inputs have nothing to upcast
 
 
 def test_bench_attention_refuses_zero_rounds(monkeypatch):

@@ -209,18 +209,22 @@ def flex_attention(q, k, v, block_mask, score_mod=None):
     return eager_flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod)
 
 
-# SDPA's fused CPU kernel in bf16 is 1.5–3× as slow to train through as explicit scores when
-# rows are short: forward + backward, torch 2.13, 2 threads, (b, h, n, dh) = (32, 4, 84, 32):
-# 25.7 ms vs 8.8; (64, 4, 60, 64): 25.3 vs 12.2; (16, 4, 128, 64): 15.3 vs 9.8; from 256 keys
-# on the fused kernel wins (`benchmarks/bench_attention.py`, its json). In fp32, and without
-# gradients, the two are about equal, so SDPA keeps those; fp16 on CPU was not measured.
-EXPLICIT_MAX_KEYS = 128
+# SDPA's fused CPU kernel trains bf16 inputs slowly: for rows of up to 128 keys, forward +
+# backward take 2-4x as long as the same kernel on fp32 copies of them. Upcasting q, k, v to fp32 and running the same kernel
+# (the output cast back to bf16) is faster there than both the bf16 kernel and explicit fp32
+# scores, and more precise (scores, softmax and the weighted sum all in fp32): forward +
+# backward, torch 2.13, 2 threads, (b, h, n, dh) = (32, 4, 84, 32): 7.6 ms upcast, 13.6
+# explicit, 32.1 bf16 fused; (64, 4, 60, 64): 11.8 / 17.6 / 51.6; (8, 4, 256, 64): 13.6 / 24.7 /
+# 14.5; from 512 keys on the bf16 kernel wins (`benchmarks/bench_attention.py`, its json).
+# Without gradients the kernels are about equal, so inference keeps bf16; fp16 on CPU was not
+# measured and keeps SDPA as it is.
+UPCAST_MAX_KEYS = 256
 
 
-def explicit_is_faster(q: Tensor, k: Tensor) -> bool:
-    """Whether `Attention` takes the explicit-scores path instead of SDPA's fused kernel:
-    CPU, bf16, queries that need a gradient, at most `EXPLICIT_MAX_KEYS` keys."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and k.shape[-2] <= EXPLICIT_MAX_KEYS
+def upcast_is_faster(q: Tensor, k: Tensor) -> bool:
+    """Whether `Attention` runs SDPA on fp32 copies of q, k, v instead of on them: CPU, bf16,
+    queries that need a gradient, at most `UPCAST_MAX_KEYS` keys."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and k.shape[-2] <= UPCAST_MAX_KEYS
 
 
 def softcap_score_mod(softcap: float):
@@ -303,17 +307,20 @@ class Attention(Module):
             score_mod = softcap_score_mod(self.softcap_value) if self.softcap_value > 0 else None
             return flex_attention(q, k, v, block_mask=mask.block, score_mod=score_mod)
 
-        if self.softcap_value > 0 or explicit_is_faster(q, k):
+        if self.softcap_value > 0:
             return self.attend_reference(q, k, v, mask, dropout_p)
 
         is_causal = mask.is_causal and q.shape[-2] > 1
+        if upcast_is_faster(q, k):
+            with torch.autocast(q.device.type, enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.dense, dropout_p=dropout_p, is_causal=is_causal)
+            return out.to(v.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, dropout_p=dropout_p, is_causal=is_causal)
 
     def attend_reference(self, q, k, v, mask: AttentionMask, dropout_p: float) -> Tensor:
-        """The plain masked path: explicit scores, for logit soft-capping (Gemma 2) and for short
-        rows trained in bf16 on CPU (`explicit_is_faster`). Scores and softmax are fp32, as inside
-        SDPA's fused kernel (bf16 scores would carry ~5× its error); the weighted sum of values
-        runs in their dtype. A query that may see no key at all gets zeros, as from SDPA.
+        """The plain masked path: explicit scores, for logit soft-capping (Gemma 2). Scores and
+        softmax are fp32, as inside SDPA's fused kernel (bf16 scores would carry ~5× its error);
+        the weighted sum of values runs in their dtype. A query that may see no key at all gets zeros, as from SDPA.
         (`is_causal` aligns queries with the last keys; the model only sets it with as many
         queries as keys, where SDPA's alignment is the same.)"""
         with torch.autocast(q.device.type, enabled=False):
