@@ -210,14 +210,13 @@ def flex_attention(q, k, v, block_mask, score_mod=None):
 
 
 # SDPA's fused CPU kernel trains bf16 inputs slowly: for rows of up to 128 keys, forward +
-# backward take 2-4x as long as the same kernel on fp32 copies of them. Upcasting q, k, v to fp32 and running the same kernel
-# (the output cast back to bf16) is faster there than both the bf16 kernel and explicit fp32
-# scores, and more precise (scores, softmax and the weighted sum all in fp32): forward +
-# backward, torch 2.13, 2 threads, (b, h, n, dh) = (32, 4, 84, 32): 7.6 ms upcast, 13.6
-# explicit, 32.1 bf16 fused; (64, 4, 60, 64): 11.8 / 17.6 / 51.6; (8, 4, 256, 64): 13.6 / 24.7 /
-# 14.5; from 512 keys on the bf16 kernel wins (`benchmarks/bench_attention.py`, its json).
-# Without gradients the kernels are about equal, so inference keeps bf16; fp16 on CPU was not
-# measured and keeps SDPA as it is.
+# backward take 2-4x as long as the same kernel on fp32 copies of q, k, v (the output cast back
+# to bf16), which is also faster than explicit fp32 scores and more precise than both (scores,
+# softmax and the weighted sum all in fp32). Torch 2.13, 2 threads, (b, h, n, dh) =
+# (32, 4, 84, 32): 7.6 ms upcast, 13.6 explicit, 32.1 bf16 fused; (64, 4, 60, 64): 11.8 / 17.6 /
+# 51.6; (8, 4, 256, 64): 13.6 / 24.7 / 14.5; from 512 keys on the bf16 kernel wins
+# (`benchmarks/bench_attention.py`, its json). Without gradients the kernels are about equal,
+# so inference keeps bf16; fp16 on CPU was not measured and keeps SDPA as it is.
 UPCAST_MAX_KEYS = 256
 
 
