@@ -87,7 +87,7 @@ IMAGE_SHAPE = (7, 7)  # latent tokens per image side: 28 / patch size 4
 
 
 def build_model(args) -> Transfusion:
-    return Transfusion(
+    model = Transfusion(
         num_text_tokens=NUM_TEXT_TOKENS,
         dim_latent=16,  # 1 channel × 4 × 4 patch
         channel_first_latent=True,
@@ -102,6 +102,8 @@ def build_model(args) -> Transfusion:
         flow_prediction=args.flow_prediction,
         transformer=dict(dim=args.dim, depth=args.depth, dim_head=args.dim // args.heads, heads=args.heads),
     )
+    model.transformer.compile_training = args.compile  # a run-time switch that checkpoints do not carry
+    return model
 
 
 # ------------------------------------------------------------------ sampling and evaluation
@@ -365,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", type=device_argument, help="auto: cuda when there is one, else cpu")
     parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on: ~3x faster on CPU)")
     parser.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile training steps (README: when it pays)")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--resume", default=None, help="a checkpoint path, or 'latest' for <out>/checkpoints/latest.pt")
     parser.add_argument("--eval-only", default=None, metavar="CHECKPOINT", help="evaluate a checkpoint and exit")

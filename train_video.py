@@ -15,9 +15,8 @@ width) (`add_pos_emb=True`). Two codecs (`--codec`):
     fitted first on the training clips (`--ae-steps` 600 batches of 64, under a minute on 2
     cores) and then frozen, gives each tube 16 latent values (`--ae-channels`); the transformer
     predicts their velocity, as for images. Its decoder turns the generated latents into clips.
-  - `patchify`: `VideoPatchify(4, 8)`, parameter-free and lossless, every pixel of a tube in its
-    token (128 values); so many values per token are what `flow_prediction="data"` is for: the
-    model predicts the clean clip and the velocity is derived from it (Li & He 2025, arXiv 2511.13720).
+  - `patchify`: `VideoPatchify(4, 8)`, parameter-free and lossless, every pixel of a tube in its token
+    (128 values), for which the model predicts the clean clip (`flow_prediction="data"`, arXiv 2511.13720).
 A token holds its patch's whole trajectory, so the motion is in every token.
 With `--frame-patch-size 2 --min-frames 4` the clips have 4, 6 or 8 frames (fixed per digit),
 batched by frame count with the `BucketBatchSampler`; the model writes the shape ("2,8,8" …
@@ -45,8 +44,7 @@ Evaluation (`<out>/eval.json`), for the EMA weights (`--eval-weights both` adds 
     python train_video.py                      # the default run (README "Video": its time and scores)
     python train_video.py --codec patchify     # the parameter-free codec instead of the autoencoder
     python train_video.py --frame-patch-size 2 --min-frames 4   # 4, 6 or 8 frames per clip, bucketed
-    python train_video.py --resume latest      # continue <out>/checkpoints/latest.pt
-    python train_video.py --eval-only runs/video/checkpoints/latest.pt
+    python train_video.py --resume latest      # or --eval-only runs/video/checkpoints/latest.pt
     torchrun --standalone --nproc_per_node=2 train_video.py --ddp
 """
 
@@ -98,15 +96,14 @@ from transfusion_pytorch.training import (
 
 
 def build_model(args) -> Transfusion:
-    """The model; with `--codec autoencoder` its encoder / decoder are an untrained `VideoAutoencoder`'s
-    halves (`train` fits them before the transformer trains; a checkpoint brings them back)."""
+    """The model; with `--codec autoencoder` the halves of an untrained `VideoAutoencoder` (`train` fits them first)."""
     if args.codec == "autoencoder":  # 16 values a tube
         autoencoder = VideoAutoencoder(1, args.ae_channels, args.ae_width, args.frame_patch_size)
         encoder, decoder, dim_latent = autoencoder.encoder, autoencoder.decoder, args.ae_channels
     else:  # every pixel of a tube: 1 channel × 8 × 4 × 4 = 128 values by default
         encoder, decoder = VideoPatchify(args.patch_size, args.frame_patch_size), VideoUnpatchify(args.patch_size, args.frame_patch_size)
         dim_latent = args.frame_patch_size * args.patch_size**2
-    return Transfusion(
+    model = Transfusion(
         num_text_tokens=NUM_TEXT_TOKENS,
         dim_latent=dim_latent,
         channel_first_latent=True,
@@ -122,6 +119,8 @@ def build_model(args) -> Transfusion:
         flow_prediction=args.flow_prediction or ("velocity" if args.codec == "autoencoder" else "data"),
         transformer=dict(dim=args.dim, depth=args.depth, dim_head=args.dim // args.heads, heads=args.heads),
     )
+    model.transformer.compile_training = args.compile  # a run-time switch that checkpoints do not carry
+    return model
 
 
 def speeds_of(args) -> tuple[int, ...]:
@@ -473,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", type=device_argument, help="auto: cuda when there is one, else cpu")
     parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on: ~3x faster on CPU)")
     parser.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile training steps (README: when it pays)")
     parser.add_argument("--ddp", action="store_true", help="multi-process data parallel: run under torchrun (--batch-size is the global batch)")
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--resume", default=None, help="a checkpoint path, or 'latest' for <out>/checkpoints/latest.pt")

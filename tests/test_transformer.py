@@ -153,3 +153,43 @@ def test_hyper_connections_come_from_the_package_without_fracs(fracs):
 def test_bad_residual_arguments(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         Transformer(dim=32, depth=1, **kwargs)
+
+
+def test_compiled_training_matches_eager_and_leaves_sampling_eager():
+    """`compile_training`: the loss and every gradient of a randomised model match the eager
+    pass on interleaved batches of two lengths (one trace with dynamic shapes, no graph break);
+    a pass without grad (sampling, evaluation) does not touch the compiled function."""
+    from torch._dynamo.utils import counters
+
+    from conftest import randomized
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = randomized(make_model(dim_latent=8, modality_default_shape=(2, 2), unconditional_prob=0.0))
+    batches = [batch(), [[randint(0, 16, (9,)), randn(2, 2, 8)], [randn(3, 3, 8), randint(0, 16, (2,))]]]
+
+    def loss_and_grads(b):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the flow noise and times are drawn inside the forward pass
+        loss = model(b)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    eager = [loss_and_grads(b) for b in batches]
+    model.transformer.compile_training = True
+    compiled = [loss_and_grads(b) for b in batches]
+    assert "_compiled_run" in model.transformer.__dict__
+    for (loss, grads), (loss_c, grads_c) in zip(eager, compiled):
+        assert torch.allclose(loss, loss_c, rtol=1e-5, atol=1e-6)
+        assert len(grads) == len(grads_c)
+        for g, g_c in zip(grads, grads_c):
+            assert torch.allclose(g, g_c, rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+    with pytest.raises(TypeError, match="compile_training"):
+        model.transformer.compile_training = 1
+
+    calls = counters["stats"]["calls_captured"]
+    with torch.no_grad():
+        model.eval().sample(max_length=12)
+    assert counters["stats"]["calls_captured"] == calls

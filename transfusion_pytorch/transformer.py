@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 from torch.utils.checkpoint import checkpoint
 
-from ._typing import Float, Int, typecheck
+from ._typing import Float, Int, typecheck, typecheck_disabled
 from .attention import Attention, AttentionMask, KVCache, KVCacheRows, RotaryEmbedding, SlotCache
 from .helpers import exists
 
@@ -195,6 +195,11 @@ class Transformer(Module):
             `hyper-connections` package); 1 is the plain residual
         num_residual_fracs: kept for 0.12's signature, which ignored it: frac-connections
             (arXiv 2503.14125) stay off, and only 4 (0.12's default) and 1 are accepted
+
+    `compile_training = True` (an attribute, set after construction; checkpoints do not carry
+    it) runs every forward pass that builds a graph for backward and has no cache through
+    `torch.compile` (`compiled_run`); sampling, evaluation under `no_grad` and cached decoding
+    stay eager.
     """
 
     def __init__(
@@ -236,6 +241,7 @@ class Transformer(Module):
         self.use_flex_attn = use_flex_attn
         self.use_checkpoint = use_checkpoint
         self.num_residual_streams = num_residual_streams
+        self._compile_training = False  # a run-time switch, not part of the configuration: see the class docstring
 
         dim_cond = dim * 4
         self.time_embed = TimeEmbedding(dim, dim_cond)
@@ -256,6 +262,16 @@ class Transformer(Module):
             self.blocks.append(Block(dim, dim_cond, attn, ff, skip_proj, hyper))
 
         self.norm = RMSNorm(dim)
+
+    @property
+    def compile_training(self) -> bool:
+        return self._compile_training
+
+    @compile_training.setter
+    def compile_training(self, enabled: bool):
+        if not isinstance(enabled, bool):
+            raise TypeError(f"`compile_training` must be a bool, got {enabled!r}")
+        self._compile_training = enabled
 
     def new_cache(self, batch: int, capacity: int = 256, *, device=None, dtype=torch.float32) -> KVCache:
         return KVCache(self.depth, batch, self.heads, self.dim_head, capacity, device=device, dtype=dtype)
@@ -278,27 +294,59 @@ class Transformer(Module):
         instance_times: (m,) flow time of each instance (conditions only that instance's tokens)
         cache: keys / values of earlier tokens; the new ones are written, not committed
         """
-        has_instances = exists(instance_times) and instance_times.numel() > 0
-        instance_cond = self.time_embed(instance_times.to(tokens.dtype)) if has_instances else None  # times come fp32
-        modulation = Modulation(token_instance if exists(instance_cond) else None)
-        rotary = self.rotary(positions)
+        if self.compile_training and cache is None and torch.is_grad_enabled():
+            return self.compiled_run()(self, tokens, positions, mask, token_instance, instance_times, None)
+        return run_blocks(self, tokens, positions, mask, token_instance, instance_times, cache)
 
-        use_checkpoint = self.use_checkpoint and self.training and cache is None and torch.is_grad_enabled()
+    def compiled_run(self) -> Callable:
+        """`run_blocks` under `torch.compile` with dynamic shapes (compiled on the first training
+        step, then reused while the batch's length and size change), kept on this module as a
+        plain function, not a submodule or a state-dict entry. It holds no reference to the
+        module (`run_blocks` takes the transformer as an argument), so a deep copy (an EMA) that
+        trains runs its own weights through it."""
+        run = self.__dict__.get("_compiled_run")
+        if run is None:
+            compiled = torch.compile(run_blocks, dynamic=True)
 
-        streams = self.num_residual_streams
-        x = tokens if streams == 1 else repeat(tokens, "b n d -> (b s) n d", s=streams)
-        skips = []
-        num_skips = sum(exists(block.skip_proj) for block in self.blocks)
+            def run(*args):
+                with typecheck_disabled():  # with TYPECHECK=1 the layers' checks cannot be traced
+                    return compiled(*args)
 
-        for index, block in enumerate(self.blocks):
-            if index < num_skips:
-                skips.append(x)
-            if exists(block.skip_proj):
-                x = x + block.skip_proj(torch.cat((x, skips.pop()), dim=-1))
+            self.__dict__["_compiled_run"] = run
+        return run
 
-            if use_checkpoint:
-                x = checkpoint(block, x, instance_cond, modulation, rotary, mask, cache, index, use_reentrant=False)
-            else:
-                x = block(x, instance_cond, modulation, rotary, mask, cache, index)
 
-        return self.norm(x if streams == 1 else reduce(x, "(b s) n d -> b n d", "sum", s=streams))
+def run_blocks(
+    transformer: Transformer,
+    tokens: Tensor,
+    positions: Tensor,
+    mask: AttentionMask,
+    token_instance: Tensor | None,
+    instance_times: Tensor | None,
+    cache: KVCache | KVCacheRows | SlotCache | None,
+) -> Tensor:
+    """The transformer's forward pass (`Transformer.forward`), eager or under `torch.compile`."""
+    has_instances = exists(instance_times) and instance_times.numel() > 0
+    instance_cond = transformer.time_embed(instance_times.to(tokens.dtype)) if has_instances else None  # times come fp32
+    modulation = Modulation(token_instance if exists(instance_cond) else None)
+    rotary = transformer.rotary(positions)
+
+    use_checkpoint = transformer.use_checkpoint and transformer.training and cache is None and torch.is_grad_enabled()
+
+    streams = transformer.num_residual_streams
+    x = tokens if streams == 1 else repeat(tokens, "b n d -> (b s) n d", s=streams)
+    skips = []
+    num_skips = sum(exists(block.skip_proj) for block in transformer.blocks)
+
+    for index, block in enumerate(transformer.blocks):
+        if index < num_skips:
+            skips.append(x)
+        if exists(block.skip_proj):
+            x = x + block.skip_proj(torch.cat((x, skips.pop()), dim=-1))
+
+        if use_checkpoint:
+            x = checkpoint(block, x, instance_cond, modulation, rotary, mask, cache, index, use_reentrant=False)
+        else:
+            x = block(x, instance_cond, modulation, rotary, mask, cache, index)
+
+    return transformer.norm(x if streams == 1 else reduce(x, "(b s) n d -> b n d", "sum", s=streams))
