@@ -347,14 +347,15 @@ class TokenDecoder:
         return compiled(self.model, "_compiled_sample_step", sample_text_step, lean=True) if self.compile else sample_text_step
 
 
-def compiled(model: Transfusion, name: str, fn, typechecked: bool = False, lean: bool = False):
-    """`torch.compile(fn)`, kept on the model under `name` (a function, not a submodule or a state-dict entry).
+def compiled(model: torch.nn.Module, name: str, fn, typechecked: bool = False, lean: bool = False, dynamic: bool | None = None):
+    """`torch.compile(fn, dynamic=dynamic)`, kept on `model` (a `Transfusion`, or the `Transformer` for
+    its training steps) under `name` (a function, not a submodule or a state-dict entry).
     The lean steps on a CPU get inductor's C++ wrapper: the Python that calls the ~100 kernels
     of a step cost about as much as their arithmetic at batch 1."""
     step = getattr(model, name, None)
     if step is None:
         options = {"cpp_wrapper": True} if lean and model.device.type == "cpu" else None
-        compiled_fn = torch.compile(fn, dynamic=None, options=options)
+        compiled_fn = torch.compile(fn, dynamic=dynamic, options=options)
         if typechecked:
 
             def step(*args):

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 from torch.utils.checkpoint import checkpoint
 
-from ._typing import Float, Int, typecheck, typecheck_disabled
+from ._typing import Float, Int, typecheck
 from .attention import Attention, AttentionMask, KVCache, KVCacheRows, RotaryEmbedding, SlotCache
+from .decoding import compiled
 from .helpers import exists
 
 
@@ -198,7 +199,7 @@ class Transformer(Module):
 
     `compile_training = True` (an attribute, set after construction; checkpoints do not carry
     it) runs every forward pass that builds a graph for backward and has no cache through
-    `torch.compile` (`compiled_run`); sampling, evaluation under `no_grad` and cached decoding
+    `torch.compile` (`run_blocks`, through `decoding.compiled`); sampling, evaluation under `no_grad` and cached decoding
     stay eager.
     """
 
@@ -295,25 +296,12 @@ class Transformer(Module):
         cache: keys / values of earlier tokens; the new ones are written, not committed
         """
         if self.compile_training and cache is None and torch.is_grad_enabled():
-            return self.compiled_run()(self, tokens, positions, mask, token_instance, instance_times, None)
+            # compiled on the first training step with dynamic shapes, then reused while the
+            # batch's length and size change; `run_blocks` takes the transformer as an argument,
+            # so a deep copy (an EMA) that trains runs its own weights through it
+            run = compiled(self, "_compiled_run", run_blocks, typechecked=True, dynamic=True)
+            return run(self, tokens, positions, mask, token_instance, instance_times, None)
         return run_blocks(self, tokens, positions, mask, token_instance, instance_times, cache)
-
-    def compiled_run(self) -> Callable:
-        """`run_blocks` under `torch.compile` with dynamic shapes (compiled on the first training
-        step, then reused while the batch's length and size change), kept on this module as a
-        plain function, not a submodule or a state-dict entry. It holds no reference to the
-        module (`run_blocks` takes the transformer as an argument), so a deep copy (an EMA) that
-        trains runs its own weights through it."""
-        run = self.__dict__.get("_compiled_run")
-        if run is None:
-            compiled = torch.compile(run_blocks, dynamic=True)
-
-            def run(*args):
-                with typecheck_disabled():  # with TYPECHECK=1 the layers' checks cannot be traced
-                    return compiled(*args)
-
-            self.__dict__["_compiled_run"] = run
-        return run
 
 
 def run_blocks(
