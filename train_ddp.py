@@ -131,9 +131,9 @@ def train(args, ctx):
     num_params = sum(p.numel() for p in model.parameters())
     # a run-time switch rather than a constructor argument: a checkpoint resumes with or without it
     model.transformer.use_checkpoint = args.activation_checkpointing
-    model.transformer.compile_training = args.compile and not (sharded or args.activation_checkpointing)  # those two paths stay eager
-    if args.compile and not model.transformer.compile_training:
-        ctx.print("--compile: training stays eager with --fsdp or --activation-checkpointing")
+    model.transformer.compile_training = args.compile and not sharded  # FSDP's per-block hooks stay eager
+    if args.compile and sharded:
+        ctx.print("--compile: training stays eager with --fsdp")
     ema = model.create_ema(beta=args.ema_beta, update_after_step=args.warmup, update_every=1)  # one per rank, kept identical
     if sharded:  # the EMA is cut like the model: each rank keeps the EMA of its shards
         model = ctx.shard(model, ema=ema, param_dtype=torch.bfloat16 if args.fsdp_param_dtype == "bf16" else None)

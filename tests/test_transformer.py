@@ -157,8 +157,9 @@ def test_bad_residual_arguments(kwargs, name):
 
 def test_compiled_training_matches_eager_and_leaves_sampling_eager():
     """`compile_training`: the loss and every gradient of a randomised model match the eager
-    pass on interleaved batches of two lengths (one trace with dynamic shapes, no graph break);
-    a pass without grad (sampling, evaluation) does not touch the compiled function."""
+    pass on interleaved batches of two lengths (one trace with dynamic shapes, no graph break),
+    and with activation checkpointing; a pass without grad (sampling, evaluation) does not
+    touch the compiled function."""
     from torch._dynamo.utils import counters
 
     from conftest import randomized
@@ -185,6 +186,13 @@ def test_compiled_training_matches_eager_and_leaves_sampling_eager():
         for g, g_c in zip(grads, grads_c):
             assert torch.allclose(g, g_c, rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+    model.transformer.use_checkpoint = True  # activation checkpointing inside the compiled graph: one more trace
+    loss_c, grads_c = loss_and_grads(batches[0])
+    assert torch.allclose(eager[0][0], loss_c, rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(g, g_c, rtol=1e-4, atol=1e-5) for g, g_c in zip(eager[0][1], grads_c, strict=True))
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    model.transformer.use_checkpoint = False
 
     with pytest.raises(TypeError, match="compile_training"):
         model.transformer.compile_training = 1

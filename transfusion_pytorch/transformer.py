@@ -199,8 +199,8 @@ class Transformer(Module):
 
     `compile_training = True` (an attribute, set after construction; checkpoints do not carry
     it) runs every forward pass that builds a graph for backward and has no cache through
-    `torch.compile` (`run_blocks`, through `decoding.compiled`); sampling, evaluation under `no_grad` and cached decoding
-    stay eager.
+    `torch.compile` (`run_blocks`, through `decoding.compiled`), activation checkpointing
+    included; sampling, evaluation under `no_grad` and cached decoding stay eager.
     """
 
     def __init__(
