@@ -366,6 +366,6 @@ def test_main_refuses_bad_frame_counts():
     with pytest.raises(ValueError, match="--min-frames"):
         script.main(parse(["--min-frames", "10", "--device", "cpu"]))
     with pytest.raises(ValueError, match="--patch-size"):
-        script.main(parse(["--patch-size", "8", "--device", "cpu"]))  # the autoencoder makes 4×4 tokens
+        script.main(parse(["--patch-size", "2", "--device", "cpu"]))  # the autoencoder's tokens are 4, 8, 16 or 32 pixels a side
     with pytest.raises(ValueError, match="--stem conv"):
         script.main(parse(["--stem", "conv", "--device", "cpu"]))
