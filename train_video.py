@@ -11,10 +11,9 @@ one letter per text token as in `train_mnist.py`, with one more token for the sp
 Video: pixels in [-1, 1] (background -1), a clip `(1, frames, 32, 32)`, cut into tubes of
 8 frames × 4 × 4 pixels: 64 tokens a clip, with an axial position embedding over (time, height,
 width) (`add_pos_emb=True`). Two codecs (`--codec`):
-  - `autoencoder` (the default): a small 3D-convolutional autoencoder (`transfusion_pytorch.autoencoders`),
-    fitted first on the training clips (`--ae-steps` 600 batches of 64, under a minute on 2
-    cores) and then frozen, gives each tube 16 latent values (`--ae-channels`); the transformer
-    predicts their velocity, as for images. Its decoder turns the generated latents into clips.
+  - `autoencoder` (the default): a small 3D-convolutional autoencoder (`transfusion_pytorch.autoencoders`), fitted
+    first on the training clips (`--ae-steps` 600 batches of 64 at `--ae-lr`, about a minute on 2 cores), then frozen,
+    gives each tube 16 latent values (`--ae-channels`), whose velocity the transformer predicts; its decoder makes the clips.
     (`--patch-size 8 --ae-channels 64`: 16 tokens of 8 × 8 pixels, 1.8× faster, digits lose their shape.)
   - `patchify`: `VideoPatchify(4, 8)`, parameter-free and lossless, every pixel of a tube in its token
     (128 values), for which the model predicts the clean clip (`flow_prediction="data"`, arXiv 2511.13720).
@@ -184,8 +183,8 @@ def evaluate(sampler, classifier, held_out, args) -> tuple[dict, torch.Tensor]:
     """Text → video (digit, direction) and video → text accuracies; the generated clips `(n, 1, f, 32, 32)`."""
     speeds = speeds_of(args)
     captions, labels, directions = eval_prompts(args.eval_samples, speeds)
-    videos = generate_clips(sampler, captions, frames=args.eval_frames or args.frames, modality_steps=args.modality_steps, cfg_scale=args.cfg_scale)
-    videos = videos.float().cpu()
+    frames = args.eval_frames or args.frames
+    videos = generate_clips(sampler, captions, frames=frames, modality_steps=args.modality_steps, cfg_scale=args.cfg_scale).float().cpu()
     digit_correct = (judge_digits(classifier, videos) == labels).float()
     judged = judge_directions(videos, speeds)
     direction_correct = torch.tensor([j == d for j, d in zip(judged, directions.tolist())], dtype=torch.float)
@@ -250,10 +249,7 @@ def run_evaluation(model: Transfusion, ema, split, args, out: Path, step: int, p
             f"({r['eval_seconds']:.0f}s)"
         )
 
-    def score(name):
-        return sum(results[name][key] for key in ("digit_accuracy", "direction_accuracy", "captioning_accuracy"))
-
-    best = max(results, key=score)
+    best = max(results, key=lambda name: sum(results[name][key] for key in ("digit_accuracy", "direction_accuracy", "captioning_accuracy")))
     report = {
         "step": step,
         "command": " ".join(["python", *sys.argv]),
@@ -308,6 +304,8 @@ def main(args):
             )
         if args.stem != "linear":
             raise ValueError("`--stem conv` works on the pixels of `--codec patchify` tubes, not on autoencoder latents")
+        if not args.ae_lr > 0:
+            raise ValueError(f"`--ae-lr` must be > 0, got {args.ae_lr}")
     if args.flow_prediction is None:  # a tube of 128 pixels: predict the clean clip; 16 latent values: the velocity, as for images
         args.flow_prediction = "velocity" if args.codec == "autoencoder" else "data"
     # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in
@@ -337,7 +335,7 @@ def train(args, ctx):
         heads = model.modality_heads[0]
         ctx.print(f"fitting the video autoencoder ({args.ae_steps} steps of 64 clips)")
         batches = (clips.to(device) for clips in autoencoder_batches(split, args))
-        fitted = fit_autoencoder(heads.encoder, heads.decoder, batches, steps=args.ae_steps, autocast=precision.autocast, log=ctx.print, log_every=200)
+        fitted = fit_autoencoder(heads.encoder, heads.decoder, batches, args.ae_steps, args.ae_lr, autocast=precision.autocast, log=ctx.print, log_every=200)
         ctx.print(f"autoencoder: reconstruction MSE {fitted['loss']:.4f}, latent std {fitted['latent_std']:.3f} ({fitted['seconds']:.0f}s)")
     optimizer = make_optimizer(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, args.steps))
@@ -454,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="autoencoder: a 3D conv autoencoder fitted first, 16 values a tube (transfusion_pytorch.autoencoders); patchify: every pixel of a tube",
     )
     parser.add_argument("--ae-steps", type=int, default=600, help="steps of 64 clips fitting the autoencoder (--codec autoencoder)")
+    parser.add_argument("--ae-lr", type=float, default=2e-3, help="peak learning rate fitting the autoencoder")
     parser.add_argument("--ae-channels", type=int, default=16, help="latent values a tube (--codec autoencoder)")
     parser.add_argument("--ae-width", type=int, default=32, help="channels of the autoencoder's convolutions")
     parser.add_argument(

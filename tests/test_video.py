@@ -305,14 +305,17 @@ def tiny_digits(tmp_path: Path) -> Path:
     return data
 
 
-def test_main_trains_writes_checkpoint_gif_eval_and_resumes(tmp_path):
+def test_main_trains_writes_checkpoint_gif_eval_and_resumes(tmp_path, monkeypatch):
     pytest.importorskip("PIL")
     script = load_script()
     data = tiny_digits(tmp_path)
     out = tmp_path / "run"
     parse = script.build_parser().parse_args
+    fit, fit_lrs = script.fit_autoencoder, []
+    monkeypatch.setattr(script, "fit_autoencoder", lambda *args, **kwargs: fit_lrs.append(args[4]) or fit(*args, **kwargs))
 
-    report = script.main(parse([*TINY, "--data-dir", str(data), "--steps", "2", "--min-frames", "4", "--out", str(out)]))
+    report = script.main(parse([*TINY, "--data-dir", str(data), "--steps", "2", "--min-frames", "4", "--out", str(out), "--ae-lr", "3e-3"]))
+    assert fit_lrs == [3e-3]  # --ae-lr reaches the fit
     latest = out / "checkpoints" / "latest.pt"
     assert read_checkpoint(latest)["step"] == 2
     saved = json.loads((out / "eval.json").read_text())
@@ -369,3 +372,5 @@ def test_main_refuses_bad_frame_counts():
         script.main(parse(["--patch-size", "2", "--device", "cpu"]))  # the autoencoder's tokens are 4, 8, 16 or 32 pixels a side
     with pytest.raises(ValueError, match="--stem conv"):
         script.main(parse(["--stem", "conv", "--device", "cpu"]))
+    with pytest.raises(ValueError, match="--ae-lr"):
+        script.main(parse(["--ae-lr", "0", "--device", "cpu"]))
