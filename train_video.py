@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="autoencoder: a 3D conv autoencoder fitted first, 16 values a tube (transfusion_pytorch.autoencoders); patchify: every pixel of a tube",
     )
     parser.add_argument("--ae-steps", type=int, default=600, help="steps of 64 clips fitting the autoencoder (--codec autoencoder)")
-    parser.add_argument("--ae-lr", type=float, default=2e-3, help="peak learning rate fitting the autoencoder")
+    parser.add_argument("--ae-lr", type=float, default=4e-3, help="peak learning rate fitting the autoencoder")
     parser.add_argument("--ae-channels", type=int, default=16, help="latent values a tube (--codec autoencoder)")
     parser.add_argument("--ae-width", type=int, default=32, help="channels of the autoencoder's convolutions")
     parser.add_argument(
