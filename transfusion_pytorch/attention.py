@@ -12,7 +12,7 @@ raises rather than silently training without it (the model routes such steps to 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import rotary_embedding_torch
@@ -73,32 +73,12 @@ class Rotation:
 
     cos: Tensor
     sin: Tensor
-    _cis: Tensor | None = field(default=None, repr=False, compare=False)
-
-    def cis(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The rotation as one complex number per pair of features, `(b, 1, n, dh / 2)`, its parts
-        in `dtype`: the package rotates interleaved pairs `(x[2i], x[2i + 1])`, both at one angle."""
-        if self._cis is None or self._cis.real.dtype != dtype:
-            self._cis = torch.complex(self.cos[..., ::2].to(dtype), self.sin[..., ::2].to(dtype))
-        return self._cis
 
 
-def rotate(rotation: Rotation, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """`(b, h, n, dh)` queries or keys rotated by their positions' angles, computed at fp32 and
-    cast to `dtype` (default: `t`'s): `apply_rotary_emb`'s rotation, with the cosines and sines
-    taken once per forward.
-
-    Eager, a pair of features is a complex number and the rotation one complex product: one
-    kernel each way, where `t * cos + rotate_half(t) * sin` takes five and copies `t` twice;
-    the video example's training step at one thread is ~7 % faster for it (README "Attention
-    backends"). Under `torch.compile` the real form stays, which inductor fuses.
-    """
-    dtype = t.dtype if dtype is None else dtype
-    if torch.compiler.is_compiling():
-        return (t * rotation.cos + rotate_half(t) * rotation.sin).to(dtype)
-    real = torch.promote_types(t.dtype, torch.float32)  # fp64 stays fp64
-    pairs = torch.view_as_complex(t.to(real).contiguous().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation.cis(real)).flatten(-2).to(dtype)
+def rotate(rotation: Rotation, t: Tensor) -> Tensor:
+    """`(b, h, n, dh)` queries or keys rotated by their positions' angles, computed at >= fp32 and
+    cast back (`apply_rotary_emb`'s rotation, with the cosines and sines taken once per forward)."""
+    return (t * rotation.cos + rotate_half(t) * rotation.sin).type(t.dtype)
 
 
 # the mask handed down to every layer, built once per forward
@@ -240,10 +220,10 @@ def flex_attention(q, k, v, block_mask, score_mod=None):
 UPCAST_MAX_KEYS = 256
 
 
-def upcast_is_faster(v: Tensor, k: Tensor) -> bool:
-    """Whether `Attention` runs SDPA on fp32 copies of q, k, v instead of on them: CPU, bf16
-    values that need a gradient (q and k come from the same projection), at most `UPCAST_MAX_KEYS` keys."""
-    return v.device.type == "cpu" and v.dtype == torch.bfloat16 and v.requires_grad and k.shape[-2] <= UPCAST_MAX_KEYS
+def upcast_is_faster(q: Tensor, k: Tensor) -> bool:
+    """Whether `Attention` runs SDPA on fp32 copies of q, k, v instead of on them: CPU, bf16,
+    queries that need a gradient, at most `UPCAST_MAX_KEYS` keys."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and k.shape[-2] <= UPCAST_MAX_KEYS
 
 
 def softcap_score_mod(softcap: float):
@@ -292,9 +272,7 @@ class Attention(Module):
         layer_index: int = 0,
     ) -> Float["b n d"]:
         q, k, v = rearrange(self.to_qkv(x), "b n (qkv h dh) -> qkv b h n dh", qkv=3, h=self.heads)
-        # rotated in fp32; kept so when SDPA will upcast them anyway (`upcast_is_faster`)
-        dtype = torch.float32 if not exists(cache) and upcast_is_faster(v, k) else q.dtype
-        q, k = rotate(rotary, q, dtype), rotate(rotary, k, dtype)  # (b, h, n, dh)
+        q, k = rotate(rotary, q), rotate(rotary, k)  # (b, h, n, dh)
 
         if exists(cache):
             k, v = cache.update(layer_index, k, v)
@@ -332,7 +310,7 @@ class Attention(Module):
             return self.attend_reference(q, k, v, mask, dropout_p)
 
         is_causal = mask.is_causal and q.shape[-2] > 1
-        if upcast_is_faster(v, k):
+        if upcast_is_faster(q, k):
             with torch.autocast(q.device.type, enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.dense, dropout_p=dropout_p, is_causal=is_causal)
             return out.to(v.dtype)
