@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile training steps (README: when it pays)")
     parser.add_argument("--ddp", action="store_true", help="multi-process data parallel: run under torchrun (--batch-size is the global batch)")
-    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--resume", default=None, help="a checkpoint path, or 'latest' for <out>/checkpoints/latest.pt")
     parser.add_argument("--eval-only", default=None, metavar="CHECKPOINT", help="evaluate a checkpoint and exit")
     parser.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (honours WANDB_MODE)")

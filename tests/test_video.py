@@ -213,6 +213,18 @@ def test_clips_move_by_their_speed_and_bounce_inside_the_frame():
     assert set(motions.direction.tolist()) == {0, 1, 2, 3} and set(motions.speed.tolist()) == {2, 3}
 
 
+def test_clips_of_mixed_lengths_are_the_digit_pasted_frame_by_frame():
+    images, _ = fake_digits(30)
+    boxes, motions = V.digit_boxes(images), V.draw_motions(30, (1, 3), torch.Generator().manual_seed(1))
+    counts = [2 + 2 * (i % 5) for i in range(30)]  # 2 … 10 frames, interleaved: rendered in groups, returned in order
+    clips = V.render_clips(boxes, motions, counts)
+    for box, start, v, f, clip in zip(boxes, motions.start, motions.velocity(), counts, clips):
+        pasted = torch.full((1, f, 32, 32), -1.0)
+        for t, (y, x) in enumerate(zip(V.bounce(start[0], v[0], f).tolist(), V.bounce(start[1], v[1], f).tolist())):
+            pasted[:, t, y : y + V.DIGIT_SIZE, x : x + V.DIGIT_SIZE] = box
+        assert torch.equal(clip, pasted)
+
+
 def test_direction_judge_reads_real_clips_and_fails_on_wrong_ones():
     images, labels = fake_digits(60)
     held_out = V.eval_clips(images, labels, frames=8, speeds=(2,), seed=1)

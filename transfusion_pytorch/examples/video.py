@@ -175,14 +175,23 @@ def render_clips(digits: Float["n 1 20 20"], motions: Motions, frames: int | lis
     counts = [frames] * len(digits) if isinstance(frames, int) else list(frames)
     if len(counts) != len(digits):
         raise ValueError(f"`frames` must be one count or one per digit ({len(digits)}), got {len(counts)}")
-    velocity = motions.velocity()
-    clips = []
-    for digit, start, v, f in zip(digits, motions.start, velocity, counts):
-        ys, xs = bounce(start[0], v[0], f).tolist(), bounce(start[1], v[1], f).tolist()
-        clip = digit.new_full((1, f, FRAME_SIZE, FRAME_SIZE), -1.0)
-        for t, (y, x) in enumerate(zip(ys, xs)):
-            clip[:, t, y : y + DIGIT_SIZE, x : x + DIGIT_SIZE] = digit
-        clips.append(clip)
+    velocity, device = motions.velocity(), digits.device
+    pixel = torch.arange(FRAME_SIZE, device=device)
+    clips: list[Tensor] = [digits.new_empty(0)] * len(digits)
+    for f in sorted(set(counts)):  # the clips of one frame count at once
+        group = torch.tensor([i for i, count in enumerate(counts) if count == f], dtype=torch.long)
+        corner = [bounce(motions.start[group, axis], velocity[group, axis], f) for axis in (0, 1)]  # (g, f) each: y, x
+        rows, cols = (pixel - c[..., None] for c in corner)  # (g, f, 32): the digit's row / column under each pixel
+        inside = ((rows >= 0) & (rows < DIGIT_SIZE))[..., :, None] & ((cols >= 0) & (cols < DIGIT_SIZE))[..., None, :]
+        boxes = digits[group.to(device), 0]  # (g, 20, 20)
+        pixels = boxes[
+            torch.arange(len(group), device=device)[:, None, None, None],
+            rows.clamp(0, DIGIT_SIZE - 1)[..., :, None],
+            cols.clamp(0, DIGIT_SIZE - 1)[..., None, :],
+        ]  # (g, f, 32, 32)
+        rendered = torch.where(inside, pixels, -1.0)  # the background is -1, as the digit's own margin
+        for j, i in enumerate(group.tolist()):
+            clips[i] = rendered[j, None]
     return clips
 
 
