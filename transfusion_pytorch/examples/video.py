@@ -180,7 +180,7 @@ def render_clips(digits: Float["n 1 20 20"], motions: Motions, frames: int | lis
     clips: list[Tensor] = [digits.new_empty(0)] * len(digits)
     for f in sorted(set(counts)):  # the clips of one frame count at once
         group = torch.tensor([i for i, count in enumerate(counts) if count == f], dtype=torch.long)
-        corner = [bounce(motions.start[group, axis], velocity[group, axis], f) for axis in (0, 1)]  # (g, f) each: y, x
+        corner = [bounce(motions.start[group, axis], velocity[group, axis], f).to(device) for axis in (0, 1)]  # (g, f) each: y, x
         rows, cols = (pixel - c[..., None] for c in corner)  # (g, f, 32): the digit's row / column under each pixel
         inside = ((rows >= 0) & (rows < DIGIT_SIZE))[..., :, None] & ((cols >= 0) & (cols < DIGIT_SIZE))[..., None, :]
         boxes = digits[group.to(device), 0]  # (g, 20, 20)
