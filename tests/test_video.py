@@ -285,12 +285,36 @@ def test_resumed_batch_stream_continues_where_it_stopped():
     frames = [8] * 10 + [6] * 10
     dataset = V.MovingDigits(images, labels, frames, seed=3)
     sampler = BucketBatchSampler(frames, batch_size=4, keys=frames, seed=3, drop_last=True)
-    stream = script.clip_batches(dataset, sampler, 0)
+    stream = script.clip_batches(sampler, 0)
     full = [next(stream) for _ in range(13)]  # 4 batches an epoch: into the fourth epoch
-    resumed = script.clip_batches(dataset, sampler, 9)
-    for clips_captions in full[9:]:
-        clips, captions = next(resumed)
-        assert captions == clips_captions[1] and all(torch.equal(a, b) for a, b in zip(clips, clips_captions[0]))
+    assert [epoch for _, epoch in full] == [0] * 4 + [1] * 4 + [2] * 4 + [3]
+    resumed = script.clip_batches(sampler, 9)
+    for indices, epoch in full[9:]:
+        assert next(resumed) == (indices, epoch)
+        clips, captions = dataset.clips(indices, epoch)
+        again, same = dataset.clips(list(indices), epoch)  # rendering depends on (seed, epoch, indices) only
+        assert captions == same and all(torch.equal(a, b) for a, b in zip(clips, again))
+
+
+def test_warped_digits_are_distorted_per_epoch_and_only_where_asked():
+    images, labels = fake_digits(16)
+    dataset = V.MovingDigits(images, labels, [8] * 16, seed=0)
+    boxes = dataset.digits
+    # the identity map gives the digits back (bilinear sampling at the pixel centres)
+    still = V.warp_digits(boxes, torch.Generator().manual_seed(0), degrees=0.0, zoom=(1.0, 1.0), shear=0.0)
+    assert torch.allclose(still, boxes, atol=1e-5)
+    warped = dataset.warped(0)
+    assert warped.shape == boxes.shape and warped.min() >= -1.0 and warped.max() <= 1.0
+    assert all(not torch.allclose(w, b, atol=1e-2) for w, b in zip(warped, boxes))  # every digit moved
+    assert torch.equal(V.MovingDigits(images, labels, [8] * 16, seed=0).warped(0), warped)  # (seed, epoch) fixes it
+    assert not torch.allclose(dataset.warped(1), warped)
+    mask = torch.tensor([True, False, True, False])
+    plain, captions = dataset.clips([0, 1, 2, 3], epoch=0)
+    mixed, same = dataset.clips([0, 1, 2, 3], epoch=0, warp=mask)
+    assert captions == same  # the motions (and so the captions) do not depend on the warp
+    assert [not torch.equal(a, b) for a, b in zip(plain, mixed)] == mask.tolist()
+    with pytest.raises(TypeError, match="warp"):
+        dataset.clips([0, 1], epoch=0, warp=torch.ones(3, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------ train_video.py
@@ -367,13 +391,20 @@ def test_main_trains_writes_checkpoint_gif_eval_and_resumes(tmp_path, monkeypatc
     assert evaluated["step"] == 3 and evaluated["eval_frames"] == 6
 
 
-def test_main_with_the_patchify_codec(tmp_path):
+def test_main_with_the_patchify_codec_and_warped_digits(tmp_path, monkeypatch):
     pytest.importorskip("PIL")
     script = load_script()
     out = tmp_path / "run"
-    args = script.build_parser().parse_args([*TINY, "--data-dir", str(tiny_digits(tmp_path)), "--steps", "1", "--codec", "patchify", "--out", str(out)])
+    clips, masks = V.MovingDigits.clips, []
+    monkeypatch.setattr(V.MovingDigits, "clips", lambda self, indices, epoch, warp=None: masks.append(warp) or clips(self, indices, epoch, warp))
+    flags = [*TINY, "--data-dir", str(tiny_digits(tmp_path)), "--steps", "3", "--codec", "patchify", "--out", str(out), "--warp", "all"]
+    args = script.build_parser().parse_args(flags)
     report = script.main(args)
-    assert args.flow_prediction == "data" and 0.0 <= report["digit_accuracy"] <= 1.0
+    assert args.flow_prediction == "data" and report["step"] == 3 and 0.0 <= report["digit_accuracy"] <= 1.0
+    assert len(masks) == 3 and all(mask.dtype == torch.bool and mask.all() for mask in masks)  # every training clip warped
+    masks.clear()
+    script.main(script.build_parser().parse_args([*flags[:-1], "captions", "--caption-fraction", "0.5", "--out", str(tmp_path / "captions")]))
+    assert len(masks) == 3 and 0 < sum(int(mask.sum()) for mask in masks) < 12  # only the clips before a caption
     sampler = V.load_sampler(out / "checkpoints" / "latest.pt")
     assert isinstance(sampler.modality_heads[0].encoder, VideoPatchify) and sampler.config["dim_latent"] == 2 * 4 * 4
 

@@ -195,10 +195,35 @@ def render_clips(digits: Float["n 1 20 20"], motions: Motions, frames: int | lis
     return clips
 
 
+def warp_digits(
+    boxes: Float["n 1 20 20"], generator: torch.Generator, degrees: float = 15.0, zoom: tuple[float, float] = (0.85, 1.05), shear: float = 0.2
+) -> Float["n 1 20 20"]:
+    """Each box through its own random affine map about its centre — a rotation of up to
+    `degrees`, a zoom in `zoom`, a shear of up to `shear` — with bilinear sampling and the
+    background (-1) coming in at the edges: the distortions of Simard et al. 2003 ("Best
+    practices for CNNs applied to visual document analysis") that make a few thousand MNIST
+    digits stand for many more. The parameters come from `generator` (on the CPU)."""
+    n = len(boxes)
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(degrees)
+    scale = zoom[0] + (zoom[1] - zoom[0]) * torch.rand(n, generator=generator)
+    slant = (torch.rand(n, generator=generator) * 2 - 1) * shear
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotation = torch.stack((torch.stack((cos, -sin), -1), torch.stack((sin, cos), -1)), 1)  # (n, 2, 2)
+    shearing = torch.eye(2).repeat(n, 1, 1)
+    shearing[:, 0, 1] = slant
+    linear = rotation @ shearing / scale[:, None, None]  # output → input coordinates (affine_grid's convention)
+    theta = torch.cat((linear, torch.zeros(n, 2, 1)), dim=2).to(boxes)  # no translation: the motion places the box
+    grid = F.affine_grid(theta, list(boxes.shape), align_corners=False)
+    ink = F.grid_sample(boxes + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # 0 outside the box
+    return ink - 1.0
+
+
 class MovingDigits:
     """Training clips: item `i` is digit `i` of `images` with `frames[i]` frames (fixed, so a
     `BucketBatchSampler` can group the items by length) and a motion drawn afresh each epoch
-    from `(seed, epoch)`. Everything is drawn on the CPU: the same clips on every device."""
+    from `(seed, epoch)`; `clips(..., warp=mask)` also distorts the digits of the masked clips
+    (`warp_digits`, from the same `(seed, epoch)` on a stream of its own, so the motions do not
+    change with it). Everything is drawn on the CPU: the same clips on every device."""
 
     def __init__(self, images: Float["n 1 28 28"], labels: Int["n"], frames: list[int], speeds: tuple[int, ...] = (2,), seed: int = 0):
         if len(frames) != len(labels) or len(images) != len(labels):
@@ -206,6 +231,7 @@ class MovingDigits:
         self.digits, self.labels, self.frames = digit_boxes(images).cpu(), labels.cpu(), list(frames)
         self.speeds, self.seed = tuple(speeds), seed
         self._epoch: tuple[int, Motions] | None = None
+        self._warped: tuple[int, Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -216,12 +242,25 @@ class MovingDigits:
             self._epoch = (epoch, draw_motions(len(self), self.speeds, generator))
         return self._epoch[1]
 
-    def clips(self, indices: list[int], epoch: int) -> tuple[list[Tensor], list[str]]:
-        """The clips `(1, f, 32, 32)` of `indices` in `epoch`, and their captions."""
+    def warped(self, epoch: int) -> Float["n 1 20 20"]:
+        """Every digit distorted as it is in `epoch` (`warp_digits`)."""
+        if self._warped is None or self._warped[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_919_000)
+            self._warped = (epoch, warp_digits(self.digits, generator))
+        return self._warped[1]
+
+    def clips(self, indices: list[int], epoch: int, warp: Tensor | None = None) -> tuple[list[Tensor], list[str]]:
+        """The clips `(1, f, 32, 32)` of `indices` in `epoch`, and their captions; the digits of
+        the clips where the boolean `warp` (one per index) is true are distorted."""
         all_motions = self.motions(epoch)
         index = torch.tensor(indices, dtype=torch.long)
         motions = Motions(all_motions.direction[index], all_motions.speed[index], all_motions.start[index])
-        clips = render_clips(self.digits[index], motions, [self.frames[i] for i in indices])
+        digits = self.digits[index]
+        if warp is not None:
+            if not isinstance(warp, Tensor) or warp.dtype != torch.bool or warp.shape != (len(indices),):
+                raise TypeError(f"`warp` must be a boolean tensor with one entry per index ({len(indices)}), got {warp!r}")
+            digits = torch.where(warp[:, None, None, None], self.warped(epoch)[index], digits)
+        clips = render_clips(digits, motions, [self.frames[i] for i in indices])
         captions = [
             caption_text(label, direction, speed, self.speeds)
             for label, direction, speed in zip(self.labels[index].tolist(), motions.direction.tolist(), motions.speed.tolist())
