@@ -315,6 +315,9 @@ def test_warped_digits_are_distorted_per_epoch_and_only_where_asked():
     assert [not torch.equal(a, b) for a, b in zip(plain, mixed)] == mask.tolist()
     with pytest.raises(TypeError, match="warp"):
         dataset.clips([0, 1], epoch=0, warp=torch.ones(3, dtype=torch.bool))
+    for bad in (dict(degrees=-1.0), dict(shear=-0.1), dict(zoom=(1.1, 0.9)), dict(zoom=(0.0, 1.0))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            V.warp_digits(boxes, torch.Generator(), **bad)
 
 
 # ------------------------------------------------------------------ train_video.py

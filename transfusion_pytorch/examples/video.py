@@ -203,6 +203,10 @@ def warp_digits(
     background (-1) coming in at the edges: the distortions of Simard et al. 2003 ("Best
     practices for CNNs applied to visual document analysis") that make a few thousand MNIST
     digits stand for many more. The parameters come from `generator` (on the CPU)."""
+    if not degrees >= 0 or not shear >= 0:
+        raise ValueError(f"`degrees` and `shear` must be >= 0, got {degrees} and {shear}")
+    if len(zoom) != 2 or not 0 < zoom[0] <= zoom[1]:
+        raise ValueError(f"`zoom` must be (low, high) with 0 < low <= high, got {zoom}")
     n = len(boxes)
     angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(degrees)
     scale = zoom[0] + (zoom[1] - zoom[0]) * torch.rand(n, generator=generator)
