@@ -11,6 +11,7 @@ from conftest import make_model, tiny_transformer
 from transfusion_pytorch import Transformer
 from transfusion_pytorch.attention import AttentionMask
 from transfusion_pytorch.masks import dense_mask, transfusion_mask
+from transfusion_pytorch.transformer import Modulation
 
 
 def randomise(module: nn.Module) -> None:
@@ -201,3 +202,31 @@ def test_compiled_training_matches_eager_and_leaves_sampling_eager():
     with torch.no_grad():
         model.eval().sample(max_length=12)
     assert counters["stats"]["calls_captured"] == calls
+
+
+@pytest.mark.parametrize("num_instances", [3, Modulation.MAX_ONE_HOT_ROWS])
+def test_modulation_picks_rows_exactly_eager_and_compiled(num_instances):
+    """The per-token pick of scale / shift / gate rows: an embedding lookup eager, a product with one-hot
+    row selectors under `torch.compile` (up to `MAX_ONE_HOT_ROWS` rows; the lookup beyond). Both give
+    every token its row exactly, and the same gradient for the table."""
+    torch.manual_seed(0)
+    token_instance = randint(-1, num_instances, (3, 10))  # -1: text
+    table = randn(num_instances + 1, 12, requires_grad=True)
+    weights = randn(3, 10, 12)
+
+    def pick(index, table):
+        modulation = Modulation(index, num_instances)
+        return modulation.gather(table), modulation.select is not None
+
+    eager, eager_one_hot = pick(token_instance, table)
+    assert not eager_one_hot and torch.equal(eager, table[token_instance + 1])
+    (grad,) = torch.autograd.grad((eager * weights).sum(), table)
+
+    torch._dynamo.reset()
+    compiled, one_hot = torch.compile(pick, backend="eager", fullgraph=True)(token_instance, table)
+    assert one_hot == (num_instances + 1 <= Modulation.MAX_ONE_HOT_ROWS)
+    assert torch.equal(compiled, eager)
+    (grad_compiled,) = torch.autograd.grad((compiled * weights).sum(), table)
+    assert torch.allclose(grad_compiled, grad, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the product stays in the table's dtype under autocast
+        assert torch.equal(torch.compile(pick, backend="eager", fullgraph=True)(token_instance, table)[0], eager)

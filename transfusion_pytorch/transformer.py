@@ -55,15 +55,31 @@ class TimeEmbedding(Module):
 
 
 class Modulation:
-    """Per-token scale, shift and gate, gathered from one row for text and one row per instance."""
+    """Per-token scale, shift and gate, picked from a table with one row for text and one row per instance.
 
-    def __init__(self, token_instance: Tensor | None):
+    Eager, the pick is an embedding lookup. Under `torch.compile` it is a product with each token's one-hot
+    row selector `(b, n, 1 + m)`, in the table's dtype outside autocast: as exact (one product by 1, the rest
+    by 0), and its backward is a matrix product, where the lookup's is a scatter-add that inductor compiles on
+    a CPU into the slowest kernels of a training step (~60 ms of a ~250 ms compiled step of `train_video.py`;
+    README "Compiled training steps"). Beyond `MAX_ONE_HOT_ROWS` rows (many instances in one batch) the
+    selector would outgrow the activations, and the lookup is used there too.
+    """
+
+    MAX_ONE_HOT_ROWS = 128
+
+    def __init__(self, token_instance: Tensor | None, num_instances: int = 0):
         self.index = None if token_instance is None else token_instance + 1  # row 0 is text
+        self.select = None
+        if exists(self.index) and torch.compiler.is_compiling() and num_instances + 1 <= self.MAX_ONE_HOT_ROWS:
+            self.select = F.one_hot(self.index, num_instances + 1)
 
     def gather(self, table: Tensor) -> Tensor:
         if self.index is None:  # text only: every token uses row 0
             return table[0]
-        return F.embedding(self.index, table)
+        if self.select is None:
+            return F.embedding(self.index, table)
+        with torch.autocast(table.device.type, enabled=False):
+            return self.select.to(table.dtype) @ table
 
 
 class AdaptiveNorm(Module):
@@ -172,7 +188,7 @@ class Block(Module):
             if modulation.index is None:  # text only (text decoding): the table's text row, without building the tables
                 h, gate = norm.norm(h) * (1.0 + norm.text_gain), 1.0 + norm.text_layerscale
             else:
-                scale, shift, gate = (modulation.gather(table) for table in norm.tables(instance_cond))
+                scale, shift, gate = modulation.gather(torch.cat(norm.tables(instance_cond), dim=-1)).chunk(3, dim=-1)
                 h = norm.norm(h) * scale + shift
             h = self.attn(h, rotary, mask, cache, layer_index) if fn == "attn" else self.ff(h)
             x = write(h * gate) if exists(write) else x + h * gate
@@ -316,7 +332,7 @@ def run_blocks(
     """The transformer's forward pass (`Transformer.forward`), eager or under `torch.compile`."""
     has_instances = exists(instance_times) and instance_times.numel() > 0
     instance_cond = transformer.time_embed(instance_times.to(tokens.dtype)) if has_instances else None  # times come fp32
-    modulation = Modulation(token_instance if exists(instance_cond) else None)
+    modulation = Modulation(token_instance, instance_cond.shape[0]) if exists(instance_cond) else Modulation(None)
     rotary = transformer.rotary(positions)
 
     use_checkpoint = transformer.use_checkpoint and transformer.training and cache is None and torch.is_grad_enabled()
