@@ -87,6 +87,7 @@ from transfusion_pytorch.stems import conv_stem_and_head
 from transfusion_pytorch.training import (
     RunLogger,
     breakdown_metrics,
+    compiler_available,
     device_argument,
     load_checkpoint,
     make_optimizer,
@@ -286,7 +287,10 @@ def run_evaluation(model: Transfusion, ema, split, args, out: Path, step: int, p
 
 
 def main(args):
-    resolve_device(args.device)  # first: a bad --device fails before anything runs
+    device = resolve_device(args.device)  # first: a bad --device fails before anything runs
+    if args.compile and not args.eval_only and not compiler_available(device):
+        print("torch.compile needs a C++ compiler on a CPU and there is none on the PATH: training eager (--no-compile)")
+        args.compile = False
     args.min_frames = args.frames if args.min_frames is None else args.min_frames
     for name in ("frames", "min_frames", "eval_frames"):
         value = getattr(args, name)
@@ -476,7 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", type=device_argument, help="auto: cuda when there is one, else cpu")
     parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on: ~3x faster on CPU)")
     parser.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile training steps (README: when it pays)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile the training steps (default on: ~1.4x faster steps on 2 CPU cores after 1-2 minutes compiling; eager without a C++ compiler)",
+    )
     parser.add_argument("--ddp", action="store_true", help="multi-process data parallel: run under torchrun (--batch-size is the global batch)")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--resume", default=None, help="a checkpoint path, or 'latest' for <out>/checkpoints/latest.pt")

@@ -179,7 +179,7 @@ def test_main_longer_run_and_eval_only(tmp_path):
 
 @pytest.mark.parametrize("script_name", ["train_mnist.py", "train_video.py", "train_audio.py"])
 def test_compile_flag_switches_the_compiled_training_path(script_name):
-    """`--compile` (off by default) reaches the model the script builds; the compiled path
+    """`--compile` (off by default; on for train_video.py) reaches the model the script builds; the compiled path
     itself is tested against eager in test_transformer.py."""
     spec = importlib.util.spec_from_file_location(script_name[:-3], ROOT / script_name)
     script = importlib.util.module_from_spec(spec)
@@ -192,6 +192,10 @@ def test_compile_flag_switches_the_compiled_training_path(script_name):
             return script.build_model(args, LogMelCodec(), default_length=8)
     else:
         build = script.build_model
+    if script_name == "train_video.py":  # on by default there (README "Video"), off with --no-compile
+        assert parse([]).compile and build(parse([])).transformer.compile_training
+        assert not build(parse(["--no-compile"])).transformer.compile_training
+        return
     assert not parse([]).compile and not build(parse([])).transformer.compile_training
     assert build(parse(["--compile"])).transformer.compile_training
 

@@ -331,8 +331,8 @@ def write_idx(path: Path, array: np.ndarray):
 
 TINY = (
     "--frame-patch-size 2 --dim 16 --depth 1 --heads 1 --batch-size 4 --warmup 1 --log-every 1 --eval-samples 4 --eval-captions 4 --modality-steps 2 "
-    "--classifier-epochs 1 --num-eval 20 --checkpoint-every 0 --device cpu --threads 1 --ae-steps 3 --ae-width 4 --ae-channels 4"
-).split()
+    "--classifier-epochs 1 --num-eval 20 --checkpoint-every 0 --device cpu --threads 1 --ae-steps 3 --ae-width 4 --ae-channels 4 --no-compile"
+).split()  # eager: compiling (the default, tested against eager in test_transformer.py) takes a minute
 
 
 def tiny_digits(tmp_path: Path) -> Path:
@@ -410,6 +410,33 @@ def test_main_with_the_patchify_codec_and_warped_digits(tmp_path, monkeypatch):
     assert len(masks) == 3 and 0 < sum(int(mask.sum()) for mask in masks) < 12  # only the clips before a caption
     sampler = V.load_sampler(out / "checkpoints" / "latest.pt")
     assert isinstance(sampler.modality_heads[0].encoder, VideoPatchify) and sampler.config["dim_latent"] == 2 * 4 * 4
+
+
+def test_main_trains_eager_without_a_cpp_compiler(monkeypatch, capsys):
+    """`--compile` is on by default; on a CPU without a C++ compiler the script says so and trains eager."""
+    script = load_script()
+    args = script.build_parser().parse_args(["--frames", "7", "--device", "cpu"])
+    assert args.compile and not script.build_parser().parse_args(["--no-compile"]).compile
+    monkeypatch.setattr(script, "compiler_available", lambda device: False)
+    with pytest.raises(ValueError, match="--frames"):  # stops before any training, after the check
+        script.main(args)
+    assert not args.compile and "training eager" in capsys.readouterr().out
+    monkeypatch.setattr(script, "compiler_available", lambda device: True)
+    args = script.build_parser().parse_args(["--frames", "7", "--device", "cpu"])
+    with pytest.raises(ValueError, match="--frames"):
+        script.main(args)
+    assert args.compile
+
+
+def test_compiler_available(monkeypatch):
+    from transfusion_pytorch import training
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(training.shutil, "which", lambda name: None)
+    assert not training.compiler_available(torch.device("cpu")) and training.compiler_available(torch.device("cuda"))
+    monkeypatch.setenv("CXX", "my-c++")
+    monkeypatch.setattr(training.shutil, "which", lambda name: "/opt/bin/my-c++" if name == "my-c++" else None)
+    assert training.compiler_available(torch.device("cpu"))
 
 
 def test_main_refuses_bad_frame_counts():

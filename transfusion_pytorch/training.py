@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,14 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ValueError(f"`--device` must be cpu, cuda or auto, got {name!r}")
     return torch.device(name)
+
+
+def compiler_available(device: torch.device) -> bool:
+    """Whether `torch.compile` can build kernels for `device` here: on a CPU inductor writes C++, which
+    needs a compiler (`$CXX`, or g++ / clang++ / c++ on the PATH); CUDA builds of torch ship Triton."""
+    if device.type != "cpu":
+        return True
+    return any(shutil.which(name) for name in (os.environ.get("CXX"), "g++", "clang++", "c++") if name)
 
 
 def device_argument(name: str) -> str:
