@@ -41,7 +41,8 @@ Evaluation (`<out>/eval.json`), for the EMA weights (`--eval-weights both` adds 
     how far the judges themselves can be trusted.
 `<out>/samples.gif`: generated clips, one row per digit, one column per direction (left, right, up, down).
 
-    python train_video.py                      # the default run (README "Video": its time and scores)
+    python train_video.py                      # the default run (README "Video": its time and scores), compiled
+    python train_video.py --no-compile         # the same, eager (1.4x slower steps here, no minute or two compiling)
     python train_video.py --codec patchify     # the parameter-free codec instead of the autoencoder
     python train_video.py --frame-patch-size 2 --min-frames 4   # 4, 6 or 8 frames per clip, bucketed
     python train_video.py --resume latest      # or --eval-only runs/video/checkpoints/latest.pt
