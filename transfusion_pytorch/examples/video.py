@@ -222,6 +222,16 @@ def warp_digits(
     return ink - 1.0
 
 
+# every random stream of the data, by seed and epoch: training motions at offset 0 (epoch e), the held-out motions
+# at 99,991 and the warps at 7,919,000 — apart from each other for any run shorter than ~18,000 epochs
+MOTIONS_STREAM, EVAL_STREAM, WARP_STREAM = 0, 99_991, 7_919_000
+
+
+def data_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A CPU generator for one stream (`MOTIONS_STREAM`, `EVAL_STREAM`, `WARP_STREAM`) of `seed` in `epoch`."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch + stream)
+
+
 class MovingDigits:
     """Training clips: item `i` is digit `i` of `images` with `frames[i]` frames (fixed, so a
     `BucketBatchSampler` can group the items by length) and a motion drawn afresh each epoch
@@ -242,14 +252,14 @@ class MovingDigits:
 
     def motions(self, epoch: int) -> Motions:
         if self._epoch is None or self._epoch[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            generator = data_generator(self.seed, epoch, MOTIONS_STREAM)
             self._epoch = (epoch, draw_motions(len(self), self.speeds, generator))
         return self._epoch[1]
 
     def warped(self, epoch: int) -> Float["n 1 20 20"]:
         """Every digit distorted as it is in `epoch` (`warp_digits`)."""
         if self._warped is None or self._warped[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_919_000)
+            generator = data_generator(self.seed, epoch, WARP_STREAM)
             self._warped = (epoch, warp_digits(self.digits, generator))
         return self._warped[1]
 
@@ -284,7 +294,7 @@ class EvalClips:
 
 def eval_clips(images: Float["n 1 28 28"], labels: Int["n"], frames: int, speeds: tuple[int, ...] = (2,), seed: int = 0) -> EvalClips:
     """One clip of `frames` frames per held-out digit, with motions drawn from `seed` (on the CPU)."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + 99_991)  # apart from every training epoch's
+    generator = data_generator(seed, 0, EVAL_STREAM)  # apart from every training epoch's
     motions = draw_motions(len(labels), speeds, generator)
     videos = torch.stack(render_clips(digit_boxes(images).cpu(), motions, frames))
     captions = [caption_text(lab, d, s, speeds) for lab, d, s in zip(labels.tolist(), motions.direction.tolist(), motions.speed.tolist())]
