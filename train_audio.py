@@ -70,14 +70,15 @@ from transfusion_pytorch.examples.audio import (
 )
 from transfusion_pytorch.examples.recipes import flow_times, warmup_cosine
 from transfusion_pytorch.training import (
+    AMP_HELP,
     RunLogger,
     breakdown_metrics,
     device_argument,
     load_checkpoint,
     make_optimizer,
-    make_precision,
     read_checkpoint,
     resolve_device,
+    script_precision,
 )
 
 
@@ -246,7 +247,7 @@ def train(args, ctx):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     latest = out / "checkpoints" / "latest.pt"
-    precision = make_precision(args.use_amp, args.amp_dtype, device)
+    precision = script_precision(args.use_amp, args.amp_dtype, device, log=ctx.print)
 
     t = time.time()
     data = load_data(args)
@@ -380,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-mels", type=int, default=64, help="mel bands of the codec")
     parser.add_argument("--stack", type=int, default=2, help="spectrogram frames per audio token")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", type=device_argument, help="auto: cuda when there is one, else cpu")
-    parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on)")
+    parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
     parser.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile training steps (README: when it pays)")
     parser.add_argument("--checkpoint-every", type=int, default=500)

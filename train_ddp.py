@@ -49,7 +49,7 @@ from transfusion_pytorch.distributed import run_distributed, seed_everything
 from transfusion_pytorch.examples.mnist import DIGIT_WORDS, load_digits, shift_images, to_unit_pixels
 from transfusion_pytorch.examples.recipes import flow_times, warmup_cosine
 from transfusion_pytorch.fsdp import consolidate_checkpoint
-from transfusion_pytorch.training import RunLogger, breakdown_metrics, load_checkpoint, make_optimizer, make_precision
+from transfusion_pytorch.training import RunLogger, breakdown_metrics, load_checkpoint, make_optimizer, script_precision
 
 
 def shard_seed(seed: int, step: int, shard: int) -> int:
@@ -114,7 +114,7 @@ def train(args, ctx):
     out.mkdir(parents=True, exist_ok=True)
     sharded = args.fsdp and ctx.enabled  # FSDP2 needs the process group; one process runs unsharded
     latest = out / "checkpoints" / ("latest.dcp" if sharded else "latest.pt")
-    precision = make_precision(args.use_amp, args.amp_dtype, device)
+    precision = script_precision(args.use_amp, args.amp_dtype, device, log=ctx.print)
     split = load_digits(args.data_dir, num_eval=args.num_eval, seed=args.seed).to(device)
 
     if args.eval_only:  # one process evaluates; the others have nothing to do

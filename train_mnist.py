@@ -74,13 +74,14 @@ from transfusion_pytorch.examples.mnist import (
 from transfusion_pytorch.examples.recipes import flow_times, warmup_cosine  # noqa: F401  (train_ddp.py, benchmarks import them from here)
 from transfusion_pytorch.stems import conv_stem_and_head
 from transfusion_pytorch.training import (
+    AMP_HELP,
     RunLogger,
     breakdown_metrics,
     device_argument,
     load_checkpoint,
     make_optimizer,
-    make_precision,
     resolve_device,
+    script_precision,
 )
 
 IMAGE_SHAPE = (7, 7)  # latent tokens per image side: 28 / patch size 4
@@ -247,7 +248,7 @@ def train(args, ctx):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     latest = out / "checkpoints" / "latest.pt"
-    precision = make_precision(args.use_amp, args.amp_dtype, device)
+    precision = script_precision(args.use_amp, args.amp_dtype, device, log=ctx.print)
     split = load_digits(args.data_dir, num_eval=args.num_eval, seed=args.seed).to(device)
 
     if args.eval_only:
@@ -365,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", type=device_argument, help="auto: cuda when there is one, else cpu")
-    parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on: ~3x faster on CPU)")
+    parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
     parser.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile training steps (README: when it pays)")
     parser.add_argument("--checkpoint-every", type=int, default=500)

@@ -18,7 +18,7 @@ import torch
 
 from transfusion_pytorch import Transfusion, print_modality_sample
 from transfusion_pytorch.distributed import run_distributed
-from transfusion_pytorch.training import RunLogger, breakdown_metrics, device_argument, make_optimizer, make_precision, resolve_device
+from transfusion_pytorch.training import AMP_HELP, RunLogger, breakdown_metrics, device_argument, make_optimizer, resolve_device, script_precision
 
 
 def make_batch(batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu") -> list:
@@ -54,7 +54,7 @@ def train(args, ctx):
         transformer=dict(dim=64, depth=2, dim_head=16, heads=4),
     ).to(device)
     optimizer = make_optimizer(model.parameters(), lr=args.lr)
-    precision = make_precision(args.use_amp, args.amp_dtype, device)
+    precision = script_precision(args.use_amp, args.amp_dtype, device, log=ctx.print)
     ddp_model = ctx.wrap(model)  # DistributedDataParallel under --ddp, else the model itself
     logger = RunLogger(args.out if ctx.is_main else None, use_wandb=args.wandb and ctx.is_main, project="transfusion-toy", config=vars(args))
 
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", type=device_argument, help="auto: cuda when there is one, else cpu")
-    parser.add_argument("--use-amp", action="store_true", help="bf16 autocast (fp16 with --amp-dtype fp16 on CUDA)")
+    parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
     parser.add_argument("--amp-dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE)")
     parser.add_argument("--out", default="runs/toy", help="folder for metrics.jsonl")

@@ -86,14 +86,15 @@ from transfusion_pytorch.examples.video import (
 )
 from transfusion_pytorch.stems import conv_stem_and_head
 from transfusion_pytorch.training import (
+    AMP_HELP,
     RunLogger,
     breakdown_metrics,
     compiler_available,
     device_argument,
     load_checkpoint,
     make_optimizer,
-    make_precision,
     resolve_device,
+    script_precision,
 )
 
 
@@ -325,7 +326,7 @@ def train(args, ctx):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     latest = out / "checkpoints" / "latest.pt"
-    precision = make_precision(args.use_amp, args.amp_dtype, device)
+    precision = script_precision(args.use_amp, args.amp_dtype, device, log=ctx.print)
     split = load_digits(args.data_dir, num_eval=args.num_eval, seed=args.seed)  # clips are drawn on the CPU
 
     if args.eval_only:
@@ -479,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", type=device_argument, help="auto: cuda when there is one, else cpu")
-    parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on: ~3x faster on CPU)")
+    parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
     parser.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument(
         "--compile",

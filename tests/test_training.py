@@ -12,7 +12,16 @@ from torch import nn, randint, randn
 from conftest import tiny_transformer
 from transfusion_pytorch import Transfusion
 from transfusion_pytorch.codecs import Patchify, Unpatchify
-from transfusion_pytorch.training import RunLogger, breakdown_metrics, load_checkpoint, make_precision, read_checkpoint, save_checkpoint
+from transfusion_pytorch.training import (
+    RunLogger,
+    breakdown_metrics,
+    load_checkpoint,
+    make_precision,
+    native_amp,
+    read_checkpoint,
+    save_checkpoint,
+    script_precision,
+)
 
 
 def build(depth=2):
@@ -274,8 +283,34 @@ def test_negative_max_grad_norm():
     assert torch.isfinite(norm) and norm > 0
     with pytest.raises(ValueError, match="`device`"):
         make_precision(device="gpu")
-    with pytest.raises(TypeError, match="`use_amp`"):
+    with pytest.raises(ValueError, match="`use_amp`"):
         make_precision(use_amp="yes")
+    with pytest.raises(TypeError, match="`use_amp`"):
+        make_precision(use_amp=1)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_follows_native_bf16(monkeypatch, native):
+    """`"auto"` (a script's default, `--use-amp` given neither way) autocasts to bf16 on a CPU only
+    where it has AMX or AVX512-BF16: elsewhere bf16 is emulated, slower than fp32. An explicit
+    choice is kept, with a warning where it costs time."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    assert native_amp("cpu") is native and native_amp("cpu", "fp16") is False
+    assert make_precision("auto", device="cpu").use_amp is native
+    lines = []
+    assert script_precision(None, "bf16", "cpu", log=lines.append).use_amp is native
+    assert script_precision(False, "bf16", "cpu", log=lines.append).use_amp is False
+    assert bool(lines) is not native and all("no native bf16" in line for line in lines)
+    lines.clear()
+    forced = script_precision(True, "bf16", "cpu", log=lines.append)
+    assert forced.use_amp and forced.dtype == torch.bfloat16
+    assert bool(lines) is not native and all(line.startswith("warning: --use-amp") for line in lines)
+    assert script_precision(None, "fp16", "cpu", log=lines.append).use_amp is False  # fp16 autocast needs CUDA
+    with pytest.raises(ValueError, match="`amp_dtype`"):
+        native_amp("cpu", "fp8")
+    with pytest.raises(TypeError, match="`use_amp`"):
+        script_precision("auto", "bf16", "cpu")
 
 
 def test_step_clips_like_clip_grad_norm():
