@@ -106,6 +106,10 @@ def main(args):
 
 def train(args, ctx):
     device = ctx.device
+    if args.fsdp_param_dtype == "bf16":  # blocks computed in bf16 take bf16 activations: autocast, whatever the CPU
+        if args.use_amp is False or args.amp_dtype != "bf16":
+            raise ValueError("`--fsdp-param-dtype bf16` computes the blocks under bf16 autocast: drop `--no-use-amp` / `--amp-dtype fp16`")
+        args.use_amp = True
     threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.set_num_threads(threads)
     accumulate = shards_per_process(args, ctx.world_size)
@@ -238,7 +242,10 @@ def build_ddp_parser():
     )
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP: weights, gradients, Adam moments and EMA sharded over the processes")
     parser.add_argument(
-        "--fsdp-param-dtype", choices=("fp32", "bf16"), default="fp32", help="with --fsdp: gather and compute the blocks in bf16 (half the traffic)"
+        "--fsdp-param-dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="with --fsdp: gather and compute the blocks in bf16 (half the traffic); turns bf16 autocast on",
     )
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward: less memory, more compute")
     parser.add_argument(

@@ -42,7 +42,7 @@ Evaluation (`<out>/eval.json`), for the EMA weights (`--eval-weights both` adds 
 `<out>/samples.gif`: generated clips, one row per digit, one column per direction (left, right, up, down).
 
     python train_video.py                      # the default run (README "Video": its time and scores), compiled
-    python train_video.py --no-compile         # the same, eager (1.4x slower steps here, no minute or two compiling)
+    python train_video.py --no-compile         # the same, eager (1.2-1.4x slower steps on 2 cores, no minute or two compiling)
     python train_video.py --codec patchify     # the parameter-free codec instead of the autoencoder
     python train_video.py --frame-patch-size 2 --min-frames 4   # 4, 6 or 8 frames per clip, bucketed
     python train_video.py --resume latest      # or --eval-only runs/video/checkpoints/latest.pt
@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="torch.compile the training steps (default on: ~1.4x faster steps on 2 CPU cores after 1-2 minutes compiling; eager without a C++ compiler)",
+        help="torch.compile the training steps (default on: 1.2-1.4x faster steps on 2 CPU cores after 1-2 minutes compiling; eager without a C++ compiler)",
     )
     parser.add_argument("--ddp", action="store_true", help="multi-process data parallel: run under torchrun (--batch-size is the global batch)")
     parser.add_argument("--checkpoint-every", type=int, default=500)

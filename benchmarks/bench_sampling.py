@@ -13,7 +13,7 @@ make every path produce the same samples (checked before timing). Reported: medi
 samples/s and the speedup over the eager `sample` loop.
 
 `--precision fp32 bf16` (the default: both) times every path in fp32 and under bf16 autocast
-(as `train_mnist.py --use-amp`, the default, samples during evaluation). Under bf16 a batch of
+(as `train_mnist.py` samples during evaluation where bf16 is native, its default there). Under bf16 a batch of
 32 rows and one row round differently, so greedy paths may part ways: the check then reports,
 for each path against the fp32 `sample` loop and against the bf16 one, the share of samples
 with the same text and the largest difference of their images (among those), and requires at

@@ -615,6 +615,10 @@ def test_fsdp_bad_input():
     script = load_train_ddp()
     args = script.build_ddp_parser().parse_args(["--fsdp", "--fsdp-param-dtype", "bf16"])
     assert args.fsdp and args.fsdp_param_dtype == "bf16"
+    # bf16 blocks need bf16 activations: the flag turns autocast on where the CPU would have stayed fp32
+    for flags in (["--no-use-amp"], ["--amp-dtype", "fp16"]):
+        with pytest.raises(ValueError, match="--fsdp-param-dtype bf16"):
+            script.main(script.build_ddp_parser().parse_args(["--fsdp", "--fsdp-param-dtype", "bf16", *flags]))
 
 
 def test_sharded_checkpoint_restores_the_optimizer_as_written(tmp_path):
