@@ -433,6 +433,7 @@ def train(args, ctx):
 
     report = run_evaluation(model, ema, split, args, out, args.steps, precision, logger)
     report["train_seconds"] = round(train_seconds, 1)
+    report["train_precision"] = precision.name  # bf16 autocast or fp32: the default follows the hardware
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     logger.finish()
     return report

@@ -32,7 +32,7 @@ from transfusion_pytorch.examples.audio import (
     text_to_speech,
     word_accuracy,
 )
-from transfusion_pytorch.training import read_checkpoint
+from transfusion_pytorch.training import native_amp, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 soundfile = pytest.importorskip("soundfile")
@@ -212,6 +212,7 @@ def test_train_audio_tiny_run_resume_and_demo_helpers(tmp_path, words):
     for key in ("stt_word_accuracy", "tts_intelligibility", "classifier_accuracy"):
         assert 0.0 <= saved[key] <= 1.0
     assert saved["step"] == 4 and report["stt_word_accuracy"] == saved["stt_word_accuracy"]
+    assert saved["train_precision"] == ("bf16" if native_amp("cpu") else "fp32")  # the default follows the CPU
     wavs = sorted(out.glob("samples/*.wav"))
     assert wavs and {p.stem for p in wavs} <= {"zero", "one"}
     audio, rate = soundfile.read(wavs[0])

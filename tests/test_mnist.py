@@ -26,7 +26,7 @@ from transfusion_pytorch.examples.mnist import (
     shift_images,
     to_model_pixels,
 )
-from transfusion_pytorch.training import read_checkpoint
+from transfusion_pytorch.training import native_amp, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,6 +144,7 @@ def test_main_trains_evaluates_and_resumes(tmp_path):
     assert read_checkpoint(latest)["step"] == 2
     saved = json.loads((out / "eval.json").read_text())
     assert saved["step"] == 2 and set(saved["weights"]) == {"model", "ema"}
+    assert saved["train_precision"] == ("bf16" if native_amp("cpu") else "fp32")  # the default follows the CPU
     assert 0.0 <= saved["generation_accuracy"] <= 1.0 and len(saved["weights"]["ema"]["generation_accuracy_per_digit"]) == 10
     assert report["generation_accuracy"] == saved["generation_accuracy"]
 

@@ -17,7 +17,7 @@ from transfusion_pytorch import BucketBatchSampler, Transfusion
 from transfusion_pytorch.autoencoders import VideoEncoder
 from transfusion_pytorch.codecs import Patchify, VideoPatchify, VideoUnpatchify
 from transfusion_pytorch.examples import video as V
-from transfusion_pytorch.training import read_checkpoint
+from transfusion_pytorch.training import native_amp, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -364,6 +364,7 @@ def test_main_trains_writes_checkpoint_gif_eval_and_resumes(tmp_path, monkeypatc
         assert 0.0 <= saved[key] <= 1.0 and saved[key] == report[key]
     assert saved["step"] == 2 and saved["judge_direction_accuracy_real"] == 1.0 and saved["command"].startswith("python ")
     assert set(saved["weights"]) == {"ema"}
+    assert saved["train_precision"] == ("bf16" if native_amp("cpu") else "fp32")  # the default follows the CPU
 
     from PIL import Image
 

@@ -142,6 +142,11 @@ class Precision:
     skipped_steps: int = 0
     last_nonfinite: str | None = None
 
+    @property
+    def name(self) -> str:
+        """What the forward passes compute in: "fp32", or the autocast dtype ("bf16", "fp16")."""
+        return next(name for name, dtype in AMP_DTYPES.items() if dtype == self.dtype) if self.use_amp else "fp32"
+
     def autocast(self):
         if not self.use_amp:
             return contextlib.nullcontext()
