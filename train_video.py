@@ -12,7 +12,7 @@ Video: pixels in [-1, 1] (background -1), a clip `(1, frames, 32, 32)`, cut into
 8 frames × 4 × 4 pixels: 64 tokens a clip, with an axial position embedding over (time, height,
 width) (`add_pos_emb=True`). Two codecs (`--codec`):
   - `autoencoder` (the default): a small 3D-convolutional autoencoder (`transfusion_pytorch.autoencoders`), fitted
-    first on the training clips (`--ae-steps` 600 batches of 64 at `--ae-lr`, about a minute on 2 cores), then frozen,
+    first on the training clips (`--ae-steps` 600 batches of 64 at `--ae-lr`, 1-2.5 minutes on 2 cores), then frozen,
     gives each tube 16 latent values (`--ae-channels`), whose velocity the transformer predicts; its decoder makes the clips.
     (`--patch-size 8 --ae-channels 64`: 16 tokens of 8 × 8 pixels, 1.8× faster, digits lose their shape.)
   - `patchify`: `VideoPatchify(4, 8)`, parameter-free and lossless, every pixel of a tube in its token
