@@ -84,6 +84,7 @@ from transfusion_pytorch.examples.video import (
     save_gif,
     train_frame_classifier,
 )
+from transfusion_pytorch.muon import Muon, muon_param_groups
 from transfusion_pytorch.stems import conv_stem_and_head
 from transfusion_pytorch.training import (
     AMP_HELP,
@@ -93,6 +94,7 @@ from transfusion_pytorch.training import (
     device_argument,
     load_checkpoint,
     make_optimizer,
+    read_checkpoint,
     resolve_device,
     script_precision,
 )
@@ -344,13 +346,19 @@ def train(args, ctx):
         batches = (clips.to(device) for clips in autoencoder_batches(split, args))
         fitted = fit_autoencoder(heads.encoder, heads.decoder, batches, args.ae_steps, args.ae_lr, autocast=precision.autocast, log=ctx.print, log_every=200)
         ctx.print(f"autoencoder: reconstruction MSE {fitted['loss']:.4f}, latent std {fitted['latent_std']:.3f} ({fitted['seconds']:.0f}s)")
-    optimizer = make_optimizer(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    if args.optimizer == "muon":  # Muon on the blocks' hidden matrices, AdamW on the rest (transfusion_pytorch.muon)
+        optimizer = Muon(muon_param_groups(model), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    else:
+        optimizer = make_optimizer(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, args.steps))
     ema = model.create_ema(beta=args.ema_beta, update_after_step=args.warmup, update_every=1)  # a copy of the model, on its device
 
     start_step = 0
     if args.resume:
         path = latest if args.resume == "latest" else Path(args.resume)
+        trained_with = json.loads(read_checkpoint(path)["extra"].get("args", "{}")).get("optimizer", "adamw")
+        if trained_with != args.optimizer:  # the optimizer state in the checkpoint is that optimizer's
+            raise ValueError(f"`--optimizer {args.optimizer}` cannot resume {path}: it trained with `--optimizer {trained_with}`")
         start_step = load_checkpoint(path, model, optimizer, scheduler, ema)["step"]
         ctx.print(f"resumed from {path} at step {start_step}")
     ctx.seed_per_rank(args.seed + start_step)  # each rank its own orders and noise (rank 0 keeps the 1-process stream)
@@ -444,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=4500)
     parser.add_argument("--batch-size", type=int, default=32, help="the global batch (split over the processes with --ddp)")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "muon"),
+        default="adamw",
+        help="muon: Muon on the blocks' hidden matrices, AdamW on the rest, at the same --lr (README: Video)",
+    )
     parser.add_argument("--warmup", type=int, default=50, help="linear lr warmup steps, then a cosine to 10%% of --lr")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
