@@ -43,6 +43,7 @@ Evaluation (`<out>/eval.json`), for the EMA weights (`--eval-weights both` adds 
 
     python train_video.py                      # the default run (README "Video": its time and scores), compiled
     python train_video.py --no-compile         # the same, eager (1.2-1.4x slower steps on 2 cores, no minute or two compiling)
+    python train_video.py --optimizer muon --steps 3000   # Muon on the blocks' matrices: the digits in 2/3 of the steps (README "Video")
     python train_video.py --codec patchify     # the parameter-free codec instead of the autoencoder
     python train_video.py --frame-patch-size 2 --min-frames 4   # 4, 6 or 8 frames per clip, bucketed
     python train_video.py --resume latest      # or --eval-only runs/video/checkpoints/latest.pt
