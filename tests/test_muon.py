@@ -26,6 +26,38 @@ def test_orthogonalize_pushes_every_singular_value_near_one_along_the_svd(shape)
     assert torch.linalg.svdvals(matrix).min() < 0.05  # the input was far from orthogonal
 
 
+def test_orthogonalize_of_a_stack_is_each_matrix_alone():
+    """A stack `(n, r, c)` is orthogonalised matrix by matrix — each scaled by its own norm — as
+    the optimizer does a shape's matrices at once; matrices of very different norms make a shared
+    scaling show."""
+    torch.manual_seed(0)
+    for shape in [(3, 40, 16), (3, 16, 40)]:
+        stack = torch.randn(shape) * torch.tensor([0.01, 1.0, 50.0])[:, None, None]
+        together = orthogonalize(stack)
+        assert together.shape == stack.shape
+        for matrix, result in zip(stack, together):
+            assert torch.allclose(result, orthogonalize(matrix), atol=1e-5)
+
+
+def test_muon_steps_each_matrix_as_if_alone():
+    """Matrices of one shape share a batched Newton–Schulz; the result is the step each would get
+    from an optimizer of its own (momentum kept per matrix, a shape apart stays apart)."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(shape)) for shape in [(12, 8), (12, 8), (8, 20), (12, 8)]]
+    alone = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    together = Muon([{"params": weights, "use_muon": True}], lr=0.02, weight_decay=0.1)
+    apart = [Muon([{"params": [w], "use_muon": True}], lr=0.02, weight_decay=0.1) for w in alone]
+    for _ in range(3):
+        for w, v in zip(weights, alone):
+            w.grad = torch.randn_like(w) * torch.rand(())
+            v.grad = w.grad.clone()
+        together.step()
+        for optimizer in apart:
+            optimizer.step()
+    for w, v in zip(weights, alone):
+        assert torch.allclose(w, v, atol=1e-5)
+
+
 def test_muon_step_matches_the_update_written_out():
     """One matrix, three steps: Nesterov momentum, the orthogonalised update, the RMS-matching
     scale 0.2·sqrt(max(rows, cols)) and decoupled weight decay, against the formula by hand."""

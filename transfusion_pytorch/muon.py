@@ -9,7 +9,10 @@ scaled by `0.2 * sqrt(max(rows, cols))` (Liu et al. 2025, "Muon is Scalable for 
 which gives it about AdamW's update size, so AdamW's learning rate and schedule carry over.
 
 The iterations run in fp32: torch's own `torch.optim.Muon` runs them in bf16, which a CPU
-without native bf16 emulates (`training.native_amp`) — 137x as slow as fp32 there.
+without native bf16 emulates (`training.native_amp`) — 137x as slow as fp32 there. The matrices of
+one shape (each block has the same four) are orthogonalised as one batch, and the AdamW half runs
+as `torch._foreach_*` ops over its parameters: on the video example's model the step went from 58
+to 37 ms, nearly all of it the Newton–Schulz products themselves.
 
     from transfusion_pytorch.muon import Muon, muon_param_groups
     optimizer = Muon(muon_param_groups(model), lr=2e-3, betas=(0.9, 0.99))
@@ -33,18 +36,23 @@ HIDDEN_MATRICES = ("attn.to_qkv.weight", "attn.to_out.weight", "ff.proj_in.weigh
 
 
 def orthogonalize(matrix: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """`(r, c)` → about `U Vᵀ` of its SVD `U S Vᵀ` (every singular value near 1), in fp32, by
-    `steps` Newton–Schulz iterations on the matrix scaled to norm 1 (so they start below 1)."""
+    """`(r, c)`, or a stack `(n, r, c)`, → about `U Vᵀ` of each matrix's SVD `U S Vᵀ` (every singular
+    value near 1), in fp32, by `steps` Newton–Schulz iterations on each matrix scaled to norm 1 (so they
+    start below 1). A stack runs as batched products: the optimizer orthogonalises a shape's matrices at once."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     x = matrix.float()
-    tall = x.shape[0] > x.shape[1]
+    single = x.ndim == 2
+    if single:
+        x = x[None]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide orientation: the Gram matrix x xᵀ is the smaller square
-        x = x.T
-    x = x / (x.norm() + eps)
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
     for _ in range(steps):
-        gram = x @ x.T  # (r, r)
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if tall else x
+        gram = x @ x.mT  # (n, r, r)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a x + (b G + c G²) x
+    x = x.mT if tall else x
+    return x[0] if single else x
 
 
 def muon_param_groups(model: nn.Module) -> list[dict]:
@@ -102,36 +110,41 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, weight_decay = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if weight_decay:
-                    p.mul_(1 - lr * weight_decay)
-                if group["use_muon"]:
-                    self._muon(p, group)
-                else:
-                    self._adamw(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            (self._muon if group["use_muon"] else self._adamw)(params, group)
         return loss
 
-    def _muon(self, p: Tensor, group: dict):
-        state = self.state[p]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buffer, momentum = state["momentum_buffer"], group["momentum"]
-        buffer.mul_(momentum).add_(p.grad)
-        update = orthogonalize(p.grad.add(buffer, alpha=momentum), group["ns_steps"])  # Nesterov
-        p.add_(update.to(p.dtype), alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
+    def _muon(self, params: list[Tensor], group: dict):
+        grads = [p.grad for p in params]
+        buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        torch._foreach_mul_(buffers, group["momentum"])
+        torch._foreach_add_(buffers, grads)
+        nesterov = torch._foreach_add(grads, buffers, alpha=group["momentum"])
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        for shape, indices in by_shape.items():  # one batched Newton–Schulz per shape (a block's matrices repeat)
+            updates = orthogonalize(torch.stack([nesterov[i] for i in indices]), group["ns_steps"])
+            chosen = [params[i] for i in indices]
+            torch._foreach_add_(chosen, list(updates.to(chosen[0].dtype).unbind(0)), alpha=-group["lr"] * 0.2 * math.sqrt(max(shape)))
 
-    def _adamw(self, p: Tensor, group: dict):
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        (beta1, beta2), step = group["betas"], state["step"]
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1**step))
+    def _adamw(self, params: list[Tensor], group: dict):
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        for state, p in zip(states, params):
+            if not state:
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            state["step"] += 1
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denominators, [math.sqrt(1 - beta2 ** s["step"]) for s in states])
+        torch._foreach_add_(denominators, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denominators, [-group["lr"] / (1 - beta1 ** s["step"]) for s in states])
