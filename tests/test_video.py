@@ -395,22 +395,27 @@ def test_main_trains_writes_checkpoint_gif_eval_and_resumes(tmp_path, monkeypatc
     assert evaluated["step"] == 3 and evaluated["eval_frames"] == 6
 
 
-def test_main_trains_with_muon_and_resumes_only_with_it(tmp_path):
-    """`--optimizer muon`: the checkpoint holds Muon's state (a momentum buffer per hidden matrix),
-    `--resume` continues it, and resuming it with `--optimizer adamw` is refused, naming the flag."""
+def test_main_trains_with_either_optimizer_and_resumes_only_with_its_own(tmp_path):
+    """The default optimizer is Muon: the checkpoint holds a momentum buffer per hidden matrix,
+    `--resume` continues it, and resuming it with `--optimizer adamw` is refused, naming the flag.
+    `--optimizer adamw` keeps AdamW's moments for every parameter, and Muon cannot resume those."""
     script = load_script()
     data = tiny_digits(tmp_path)
-    out = tmp_path / "run"
     parse = script.build_parser().parse_args
-    flags = [*TINY, "--data-dir", str(data), "--out", str(out), "--eval-samples", "4"]
-    script.main(parse([*flags, "--steps", "2", "--optimizer", "muon"]))
-    latest = out / "checkpoints" / "latest.pt"
-    state = read_checkpoint(latest)["optimizer"]["state"]
-    assert sum("momentum_buffer" in s for s in state.values()) == 4  # depth 1: qkv, out, ff in, ff out
-    with pytest.raises(ValueError, match="`--optimizer adamw` cannot resume"):
-        script.main(parse([*flags, "--steps", "3", "--resume", "latest", "--optimizer", "adamw"]))
-    script.main(parse([*flags, "--steps", "3", "--resume", "latest", "--optimizer", "muon"]))
-    assert read_checkpoint(latest)["step"] == 3
+    for optimizer, other in (("muon", "adamw"), ("adamw", "muon")):
+        out = tmp_path / optimizer
+        flags = [*TINY, "--data-dir", str(data), "--out", str(out), "--eval-samples", "4"]
+        chosen = [] if optimizer == "muon" else ["--optimizer", "adamw"]  # the default is Muon
+        script.main(parse([*flags, "--steps", "2", *chosen]))
+        latest = out / "checkpoints" / "latest.pt"
+        state = read_checkpoint(latest)["optimizer"]["state"]
+        buffers = sum("momentum_buffer" in s for s in state.values())
+        assert buffers == (4 if optimizer == "muon" else 0)  # depth 1: qkv, out, ff in, ff out
+        assert sum("exp_avg" in s for s in state.values()) == len(state) - buffers
+        with pytest.raises(ValueError, match=f"`--optimizer {other}` cannot resume"):
+            script.main(parse([*flags, "--steps", "3", "--resume", "latest", "--optimizer", other]))
+        script.main(parse([*flags, "--steps", "3", "--resume", "latest", *chosen]))
+        assert read_checkpoint(latest)["step"] == 3
 
 
 def test_main_with_the_patchify_codec_and_warped_digits(tmp_path, monkeypatch):
