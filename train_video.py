@@ -12,7 +12,7 @@ Video: pixels in [-1, 1] (background -1), a clip `(1, frames, 32, 32)`, cut into
 8 frames × 4 × 4 pixels: 64 tokens a clip, with an axial position embedding over (time, height,
 width) (`add_pos_emb=True`). Two codecs (`--codec`):
   - `autoencoder` (the default): a small 3D-convolutional autoencoder (`transfusion_pytorch.autoencoders`), fitted
-    first on the training clips (`--ae-steps` 400 batches of 64 at `--ae-lr`, 1-2 minutes on 2 cores), then frozen,
+    first on the training clips (`--ae-steps` 400 batches of `--ae-batch-size` 64 at `--ae-lr`, 1.5-2 minutes on 2 cores), then frozen,
     gives each tube 16 latent values (`--ae-channels`), whose velocity the transformer predicts; its decoder makes the clips.
     (`--patch-size 8 --ae-channels 64`: 16 tokens of 8 × 8 pixels, 1.8× faster, digits lose their shape.)
   - `patchify`: `VideoPatchify(4, 8)`, parameter-free and lossless, every pixel of a tube in its token
@@ -140,7 +140,7 @@ def speeds_of(args) -> tuple[int, ...]:
 
 
 def autoencoder_batches(split, args, batch_size: int = 64):
-    """Batches `(64, 1, frames, 32, 32)` of training clips for fitting the autoencoder, the digits in a
+    """Batches `(batch_size, 1, frames, 32, 32)` of training clips for fitting the autoencoder, the digits in a
     new order and with new motions every pass (a seed of their own, apart from the transformer's clips)."""
     dataset = MovingDigits(split.train_images, split.train_labels, [args.frames] * len(split.train_labels), speeds_of(args), seed=args.seed + 1)
     generator, epoch = torch.Generator().manual_seed(args.seed + 1), 0
@@ -321,6 +321,8 @@ def main(args):
             raise ValueError("`--stem conv` works on the pixels of `--codec patchify` tubes, not on autoencoder latents")
         if not args.ae_lr > 0:
             raise ValueError(f"`--ae-lr` must be > 0, got {args.ae_lr}")
+        if args.ae_batch_size < 1:
+            raise ValueError(f"`--ae-batch-size` must be >= 1, got {args.ae_batch_size}")
     if args.flow_prediction is None:  # a tube of 128 pixels: predict the clean clip; 16 latent values: the velocity, as for images
         args.flow_prediction = "velocity" if args.codec == "autoencoder" else "data"
     # with --ddp (under torchrun) this joins the process group; without it, a 1-process stand-in
@@ -348,8 +350,8 @@ def train(args, ctx):
     model = build_model(args).to(device)
     if args.codec == "autoencoder" and not args.resume:  # a resumed run gets the fitted autoencoder from its checkpoint
         heads = model.modality_heads[0]
-        ctx.print(f"fitting the video autoencoder ({args.ae_steps} steps of 64 clips)")
-        batches = (clips.to(device) for clips in autoencoder_batches(split, args))
+        ctx.print(f"fitting the video autoencoder ({args.ae_steps} steps of {args.ae_batch_size} clips)")
+        batches = (clips.to(device) for clips in autoencoder_batches(split, args, args.ae_batch_size))
         fitted = fit_autoencoder(heads.encoder, heads.decoder, batches, args.ae_steps, args.ae_lr, autocast=precision.autocast, log=ctx.print, log_every=200)
         ctx.print(f"autoencoder: reconstruction MSE {fitted['loss']:.4f}, latent std {fitted['latent_std']:.3f} ({fitted['seconds']:.0f}s)")
     if args.optimizer == "muon":  # Muon on the blocks' hidden matrices, AdamW on the rest (transfusion_pytorch.muon)
@@ -483,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="autoencoder",
         help="autoencoder: a 3D conv autoencoder fitted first, 16 values a tube (transfusion_pytorch.autoencoders); patchify: every pixel of a tube",
     )
-    parser.add_argument("--ae-steps", type=int, default=400, help="steps of 64 clips fitting the autoencoder (--codec autoencoder)")
+    parser.add_argument("--ae-steps", type=int, default=400, help="steps fitting the autoencoder (--codec autoencoder)")
+    parser.add_argument("--ae-batch-size", type=int, default=64, help="clips a step fitting the autoencoder (README Video: 1200 of 16)")
     parser.add_argument("--ae-lr", type=float, default=4e-3, help="peak learning rate fitting the autoencoder")
     parser.add_argument("--ae-channels", type=int, default=16, help="latent values a tube (--codec autoencoder)")
     parser.add_argument("--ae-width", type=int, default=32, help="channels of the autoencoder's convolutions")

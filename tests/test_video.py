@@ -350,13 +350,17 @@ def test_main_trains_writes_checkpoint_gif_eval_and_resumes(tmp_path, monkeypatc
     data = tiny_digits(tmp_path)
     out = tmp_path / "run"
     parse = script.build_parser().parse_args
-    fit, fit_lrs = script.fit_autoencoder, []
-    monkeypatch.setattr(script, "fit_autoencoder", lambda *args, **kwargs: fit_lrs.append(args[4]) or fit(*args, **kwargs))
+    fit, fit_lrs, fit_batch_sizes = script.fit_autoencoder, [], set()
 
-    report = script.main(
-        parse([*TINY, "--data-dir", str(data), "--steps", "2", "--min-frames", "4", "--out", str(out), "--ae-lr", "3e-3", "--text-loss-weight", "2.5"])
-    )
-    assert fit_lrs == [3e-3]  # --ae-lr reaches the fit
+    def spy(encoder, decoder, batches, steps, lr, **kwargs):
+        fit_lrs.append(lr)
+        return fit(encoder, decoder, (fit_batch_sizes.add(len(clips)) or clips for clips in batches), steps, lr, **kwargs)
+
+    monkeypatch.setattr(script, "fit_autoencoder", spy)
+
+    fitting = ["--ae-lr", "3e-3", "--ae-batch-size", "3"]
+    report = script.main(parse([*TINY, "--data-dir", str(data), "--steps", "2", "--min-frames", "4", "--out", str(out), *fitting, "--text-loss-weight", "2.5"]))
+    assert fit_lrs == [3e-3] and fit_batch_sizes == {3}  # --ae-lr and --ae-batch-size reach the fit
     latest = out / "checkpoints" / "latest.pt"
     assert read_checkpoint(latest)["step"] == 2
     saved = json.loads((out / "eval.json").read_text())
@@ -476,3 +480,5 @@ def test_main_refuses_bad_frame_counts():
         script.main(parse(["--stem", "conv", "--device", "cpu"]))
     with pytest.raises(ValueError, match="--ae-lr"):
         script.main(parse(["--ae-lr", "0", "--device", "cpu"]))
+    with pytest.raises(ValueError, match="--ae-batch-size"):
+        script.main(parse(["--ae-batch-size", "0", "--device", "cpu"]))
