@@ -120,7 +120,10 @@ class Muon(torch.optim.Optimizer):
 
     def _muon(self, params: list[Tensor], group: dict):
         grads = [p.grad for p in params]
-        buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
         torch._foreach_mul_(buffers, group["momentum"])
         torch._foreach_add_(buffers, grads)
         nesterov = torch._foreach_add(grads, buffers, alpha=group["momentum"])
