@@ -140,11 +140,11 @@ def speeds_of(args) -> tuple[int, ...]:
     return tuple(sorted(set(args.speeds)))
 
 
-def autoencoder_batches(split, args, batch_size: int = 64):
-    """Batches `(batch_size, 1, frames, 32, 32)` of training clips for fitting the autoencoder, the digits in a
+def autoencoder_batches(split, args):
+    """Batches `(--ae-batch-size, 1, frames, 32, 32)` of training clips for fitting the autoencoder, the digits in a
     new order and with new motions every pass (a seed of their own, apart from the transformer's clips)."""
     dataset = MovingDigits(split.train_images, split.train_labels, [args.frames] * len(split.train_labels), speeds_of(args), seed=args.seed + 1)
-    generator, epoch = torch.Generator().manual_seed(args.seed + 1), 0
+    generator, epoch, batch_size = torch.Generator().manual_seed(args.seed + 1), 0, args.ae_batch_size
     while True:
         for indices in torch.randperm(len(dataset), generator=generator).split(batch_size):
             if len(indices) == batch_size or len(dataset) < batch_size:
@@ -352,7 +352,7 @@ def train(args, ctx):
     if args.codec == "autoencoder" and not args.resume:  # a resumed run gets the fitted autoencoder from its checkpoint
         heads = model.modality_heads[0]
         ctx.print(f"fitting the video autoencoder ({args.ae_steps} steps of {args.ae_batch_size} clips)")
-        batches = (clips.to(device) for clips in autoencoder_batches(split, args, args.ae_batch_size))
+        batches = (clips.to(device) for clips in autoencoder_batches(split, args))
         fitted = fit_autoencoder(heads.encoder, heads.decoder, batches, args.ae_steps, args.ae_lr, autocast=precision.autocast, log=ctx.print, log_every=200)
         ctx.print(f"autoencoder: reconstruction MSE {fitted['loss']:.4f}, latent std {fitted['latent_std']:.3f} ({fitted['seconds']:.0f}s)")
     if args.optimizer == "muon":  # Muon on the blocks' hidden matrices, AdamW on the rest (transfusion_pytorch.muon)
